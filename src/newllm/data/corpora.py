@@ -1,0 +1,131 @@
+"""Text sources -> disjoint train/val/test lists of lines.
+
+Validation and test text are always disjoint from training text: the template generator makes unique
+sentences before splitting, and files are split into contiguous blocks (never interleaved lines), so no
+passage of val/test is seen in training. (The research's own validation was the tail of its training
+stream; SPEC §3 calls that a leak.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from newllm.config import DatasetConfig
+from newllm.data import generator
+from newllm.errors import PipelineError
+
+
+class DataError(PipelineError):
+    """A dataset cannot be produced from what is available (missing file, offline hub)."""
+
+
+@dataclass
+class Splits:
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    stats: dict[str, float] = field(default_factory=dict)  # source-specific extras (template type counts)
+
+
+def _clean(lines: list[str]) -> list[str]:
+    return [s for s in (line.strip() for line in lines) if s]
+
+
+def _split_block(lines: list[str], val_fraction: float, test_fraction: float) -> Splits:
+    n = len(lines)
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    n_train = n - n_val - n_test
+    if n_train < 1 or n_val < 1:
+        raise DataError(f"only {n} non-empty lines: too few to split into train and val")
+    return Splits(lines[:n_train], lines[n_train:n_train + n_val], lines[n_train + n_val:])
+
+
+def _read(path: str | os.PathLike) -> list[str]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"file not found: {p}")
+    return _clean(p.read_text(encoding="utf-8", errors="replace").splitlines())
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _load_hf(name: str, config: str | None, split: str, how_to: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # the HF stack raises many kinds (ConnectionError, FileNotFoundError, ...)
+        where = "HF_HUB_OFFLINE=1 is set and it is not in the local HF cache" if _offline() else str(e)
+        raise DataError(f"cannot load the Hugging Face dataset {name!r} ({config}, split {split}): "
+                        f"{where}. {how_to}") from None
+
+
+def _hf_lines(ds, text_field: str, name: str) -> list[str]:
+    if text_field not in ds.column_names:
+        raise DataError(f"dataset {name!r} has no field {text_field!r} (fields: {', '.join(ds.column_names)}); "
+                        "set dataset.hf_text_field")
+    lines = []
+    for value in ds[text_field]:
+        if isinstance(value, list):  # chat datasets (UltraChat): a list of {"role", "content"} turns
+            value = " ".join(v.get("content", "") if isinstance(v, dict) else str(v) for v in value)
+        lines.extend(str(value).splitlines())
+    return _clean(lines)
+
+
+def _cap(lines: list[str], max_samples: int) -> list[str]:
+    return lines[:max_samples] if max_samples else lines
+
+
+def load_splits(cfg: DatasetConfig, seed: int) -> Splits:
+    if cfg.source == "template":
+        sentences = generator.generate(cfg.num_sentences, seed)
+        texts = [s.text for s in sentences]
+        splits = _split_block(texts, cfg.val_fraction, cfg.test_fraction)
+        kinds: dict[str, float] = {}
+        for s in sentences:
+            kinds[f"type_{s.kind}"] = kinds.get(f"type_{s.kind}", 0) + 1
+        splits.stats = kinds
+        return splits
+
+    if cfg.source == "text":
+        if cfg.path:
+            return _split_block(_cap(_read(cfg.path), cfg.max_samples), cfg.val_fraction, cfg.test_fraction)
+        test = _read(cfg.test_path) if cfg.test_path else []
+        return Splits(_cap(_read(cfg.train_path), cfg.max_samples), _read(cfg.val_path), test)
+
+    if cfg.source == "wikitext2":
+        how_to = ("Point dataset.wikitext_dir at a folder holding train.txt, valid.txt and test.txt "
+                  "(the layout of WikiText-2's raw release).")
+        if cfg.wikitext_dir:
+            root = Path(cfg.wikitext_dir).expanduser()
+            files = {"train": root / "train.txt", "validation": root / "valid.txt", "test": root / "test.txt"}
+            missing = [str(p) for p in files.values() if not p.is_file()]
+            if missing:
+                raise DataError(f"dataset.wikitext_dir: missing {', '.join(missing)}. {how_to}")
+            import datasets
+
+            ds = datasets.load_dataset("text", data_files={k: str(v) for k, v in files.items()})
+        else:
+            ds = {s: _load_hf("Salesforce/wikitext", "wikitext-2-v1", s, how_to)
+                  for s in ("train", "validation", "test")}
+        return Splits(_cap(_hf_lines(ds["train"], "text", "wikitext2"), cfg.max_samples),
+                      _hf_lines(ds["validation"], "text", "wikitext2"), _hf_lines(ds["test"], "text", "wikitext2"))
+
+    if cfg.source == "hf":
+        how_to = "Download it once while online (it is then cached), or export it to text and use dataset.source text."
+        ds = _load_hf(cfg.hf_name, cfg.hf_config, cfg.hf_train_split, how_to)
+        if cfg.max_samples:  # samples, not lines: "the first 50 UltraChat samples" as in the research
+            ds = ds.select(range(min(cfg.max_samples, len(ds))))
+        train = _hf_lines(ds, cfg.hf_text_field, cfg.hf_name)
+        if cfg.hf_val_split is None:
+            return _split_block(train, cfg.val_fraction, cfg.test_fraction)
+        val = _hf_lines(_load_hf(cfg.hf_name, cfg.hf_config, cfg.hf_val_split, how_to),
+                        cfg.hf_text_field, cfg.hf_name)
+        return Splits(train, val, [])
+
+    raise DataError(f"unknown dataset.source {cfg.source!r}")
+

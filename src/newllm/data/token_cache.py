@@ -1,0 +1,73 @@
+"""The token-id cache under data/tokens/: the only thing training stages read.
+
+    tokenizer.json   the HF tokenizer
+    meta.json        kind, vocab size, special ids, token counts
+    {train,val,test}.npy   int32 token streams
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from newllm.errors import PipelineError
+
+SPLITS = ("train", "val", "test")
+
+
+class TokenCacheError(PipelineError):
+    """The cache is missing or damaged: rerun the tokenize stage."""
+
+
+@dataclass
+class TokenCache:
+    root: Path
+    meta: dict
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self.root / "tokenizer.json"))
+
+
+def write_cache(root: Path, tokenizer, streams: dict[str, list[int]], meta: dict) -> None:
+    """Write into a sibling temp folder and swap it in, so a crash never leaves half a cache."""
+    root = Path(root)
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    for split in SPLITS:
+        np.save(tmp / f"{split}.npy", np.asarray(streams.get(split, []), dtype=np.int32))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+
+
+def load_cache(root: str | Path = "data/tokens") -> TokenCache:
+    root = Path(root)
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise TokenCacheError(f"no token cache at {root} (missing meta.json): run `dvc repro tokenize`")
+    try:
+        meta = json.loads(meta_path.read_text())
+        arrays = {s: np.load(root / f"{s}.npy", allow_pickle=False) for s in SPLITS}
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise TokenCacheError(f"damaged token cache at {root} ({e}): rerun `dvc repro -f tokenize`") from None
+    for split, arr in arrays.items():
+        if arr.ndim != 1 or (arr.size and (arr.min() < 0 or arr.max() >= meta["vocab_size"])):
+            raise TokenCacheError(f"damaged token cache at {root}: {split}.npy has ids outside the vocabulary")
+    if arrays["train"].size < 2 or arrays["val"].size < 2:
+        raise TokenCacheError(f"token cache at {root} has an empty train or val split")
+    return TokenCache(root, meta, **arrays)

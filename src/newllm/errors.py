@@ -1,0 +1,5 @@
+"""The error every user-facing failure raises: stages print its one-line message and exit non-zero."""
+
+
+class PipelineError(RuntimeError):
+    """Bad input (params, files, checkpoints) or an unavailable resource, explained in one line."""

@@ -1,0 +1,61 @@
+"""The harness every `stages/*.py` entry runs in.
+
+Order matters: params are validated first (before torch or MLflow are imported, so a typo costs a
+second), then the tracking store is checked, then the stage body computes. On any failure the stage's
+declared outputs are removed, so DVC can never cache half a result, and the MLflow run ends FAILED
+(or KILLED on Ctrl-C / SIGTERM), never RUNNING.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from newllm.config import ConfigError, Params, load_params
+from newllm.errors import PipelineError
+
+
+def _remove(paths: list[str]) -> None:
+    for p in map(Path, paths):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+
+
+def load_params_or_exit(path: str = "params.yaml") -> Params:
+    try:
+        return load_params(path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_stage(stage: str, body: Callable[[Params, Any], None], outs: list[str]) -> None:
+    """Validate params, open the stage's MLflow run, run `body(params, run)`, clean up on failure."""
+    params = load_params_or_exit()
+    from newllm import tracking  # MLflow is imported only once the params are known to be good
+
+    try:
+        with tracking.stage_run(stage, params) as run:
+            body(params, run)
+    except PipelineError as e:
+        _remove(outs)
+        print(f"error: {stage}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except BaseException:
+        _remove(outs)
+        raise
+
+
+def figure():
+    """A matplotlib figure on the headless Agg backend (stages run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

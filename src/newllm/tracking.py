@@ -1,0 +1,284 @@
+"""The one module that talks to MLflow and writes DVC's metrics/plots files.
+
+DVC's files are the record (`reports/metrics/<stage>.json`, `reports/plots/<stage>*.csv`, tracked by git);
+MLflow mirrors them. A stage runs inside `stage_run(...)`, which opens one MLflow run named
+`<stage>:<dvc experiment>`, logs params flat, per-step metrics and figures, writes the DVC files on
+success, and always ends the run: FINISHED, FAILED on an exception, KILLED on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from newllm.config import Params, flatten, params_hash, stage_params
+from newllm.errors import PipelineError
+
+METRICS_DIR = Path("reports/metrics")
+PLOTS_DIR = Path("reports/plots")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens a model-training experiment on its runs
+
+
+class TrackingError(PipelineError):
+    """The tracking store cannot be used (unreachable server, bad URI)."""
+
+
+# ----------------------------------------------------------------------------------------------- store
+def project_root() -> Path:
+    """DVC_ROOT when DVC runs us (under `dvc exp run --temp` that is the user's repo, not the temp copy)."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / "dvc.yaml").is_file() or (d / ".dvc").is_dir():
+            return d
+    return here
+
+
+def tracking_uri(params: Params | None = None) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if params is not None and params.tracking.uri:
+        return params.tracking.uri
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail in seconds on a dead server (MLflow's own retries take minutes per call)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status >= 500:
+                raise TrackingError(f"MLflow tracking server {uri} answered HTTP {resp.status}")
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset "
+                            "MLFLOW_TRACKING_URI / tracking.uri to use the local sqlite store") from None
+
+
+def _client(uri: str):
+    # Keep MLflow's HTTP client from retrying for minutes once we know the server is up.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def init_store(params: Params | None = None) -> tuple[Any, str]:
+    """Create the store and the experiment once, under a file lock: parallel first writers
+    (`dvc queue start -j 2`) on a fresh SQLite file were measured to corrupt it."""
+    uri = tracking_uri(params)
+    check_reachable(uri)
+    name = params.tracking.experiment if params else "newllm"
+    lock = (FileLock(str(uri.removeprefix("sqlite:///")) + ".lock", timeout=120)
+            if uri.startswith("sqlite:///") else contextlib.nullcontext())
+    with lock:
+        client = _client(uri)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            artifacts = (project_root() / "mlartifacts").as_uri() if not uri.startswith("http") else None
+            exp_id = client.create_experiment(name, artifact_location=artifacts,
+                                              tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        else:
+            exp_id = exp.experiment_id
+    return client, exp_id
+
+
+# ----------------------------------------------------------------------------------------------- tags
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=project_root())
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def dvc_exp_name() -> str:
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
+
+
+def run_tags(params: Params, stage: str) -> dict[str, str]:
+    commit = _git_commit()
+    return {
+        "dvc.stage": stage,
+        "dvc.exp_name": dvc_exp_name(),
+        "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV") or commit,
+        "params_hash": params_hash(params, stage),
+        "mlflow.source.git.commit": commit,
+        "mlflow.runName": f"{stage}:{dvc_exp_name()}",
+    }
+
+
+# ----------------------------------------------------------------------------------------------- DVC files
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_metrics(stage: str, metrics: dict[str, Any], root: Path = Path(".")) -> Path:
+    path = root / METRICS_DIR / f"{stage}.json"
+    _atomic_write(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_plot(name: str, rows: list[dict[str, Any]], root: Path = Path(".")) -> Path:
+    path = root / PLOTS_DIR / f"{name}.csv"
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+# ----------------------------------------------------------------------------------------------- stage run
+class Terminated(BaseException):
+    """Raised inside a stage on SIGTERM so its run ends KILLED instead of hanging in RUNNING."""
+
+
+@dataclass
+class StageRun:
+    stage: str
+    client: Any
+    run_id: str
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    final: dict[str, Any] | None = None
+
+    def log_step(self, values: dict[str, Any], step: int, curve: str | None = None) -> None:
+        """One point of a curve: to MLflow now, to `reports/plots/<curve>.csv` at the end."""
+        from mlflow.entities import Metric
+
+        name = curve or self.stage
+        self.curves.setdefault(name, []).append({"step": step, **values})
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in _numeric(values).items()])
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, f"figures/{name}")
+
+    def log_artifact(self, path: str | os.PathLike) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        """Final metrics: written to `reports/metrics/<stage>.json` and mirrored to MLflow."""
+        self.final = metrics
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
+    client, exp_id = init_store(params)
+    tags = run_tags(params, stage)
+    run = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags)
+    run_id = run.info.run_id
+    tracked = StageRun(stage, client, run_id)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    status = "FAILED"
+    try:
+        _log_params(client, run_id, stage_params(params, stage))
+        yield tracked
+        for name, rows in tracked.curves.items():
+            write_plot(name, rows)
+        if tracked.final is not None:
+            write_metrics(stage, tracked.final)
+            client.log_batch(run_id, metrics=_final_metrics(tracked.final))
+        status = "FINISHED"
+    except (KeyboardInterrupt, Terminated):
+        status = "KILLED"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        client.set_terminated(run_id, status)
+
+
+def _final_metrics(metrics: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(f"final.{k}", v, ts, 0) for k, v in _numeric(metrics).items()]
+
+
+# ----------------------------------------------------------------------------------------------- sync
+def _read_plot(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def sync(params: Params, stages: list[str], root: Path = Path(".")) -> list[str]:
+    """Replay the DVC metrics/plots files into MLflow as runs, one per (stage, params_hash) that the
+    store lacks, so an MLflow outage or a DVC run-cache restore never hides a result. Idempotent."""
+    from mlflow.entities import Metric
+
+    client, exp_id = init_store(params)
+    created = []
+    for stage in stages:
+        metrics_file = root / METRICS_DIR / f"{stage}.json"
+        if not metrics_file.is_file():
+            continue
+        phash = params_hash(params, stage)
+        found = client.search_runs([exp_id], filter_string=(
+            f"tags.`dvc.stage` = '{stage}' and tags.params_hash = '{phash}' and attributes.status = 'FINISHED'"),
+            max_results=1)
+        if found:
+            continue
+        tags = {**run_tags(params, stage), "newllm.synced": "true"}
+        run_id = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id
+        try:
+            _log_params(client, run_id, stage_params(params, stage))
+            ts = int(time.time() * 1000)
+            for plot in sorted((root / PLOTS_DIR).glob(f"{stage}*.csv")):
+                batch = []
+                for row in _read_plot(plot):
+                    step = int(float(row.pop("step", 0) or 0))
+                    for k, v in row.items():
+                        with contextlib.suppress(TypeError, ValueError):
+                            batch.append(Metric(k, float(v), ts, step))
+                for i in range(0, len(batch), 1000):
+                    client.log_batch(run_id, metrics=batch[i:i + 1000])
+            client.log_batch(run_id, metrics=_final_metrics(json.loads(metrics_file.read_text())))
+            client.set_terminated(run_id, "FINISHED")
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        created.append(stage)
+    return created
