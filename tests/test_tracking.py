@@ -1,0 +1,106 @@
+"""tracking.py against a real SQLite MLflow store, read back with MlflowClient."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import env
+from mlflow.tracking import MlflowClient
+
+from newllm import tracking
+from newllm.config import Params, TrackingConfig, params_hash
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch) -> tuple[Params, str]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return Params(tracking=TrackingConfig(uri=uri, experiment="t")), uri
+
+
+def _runs(uri: str, name: str = "t"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_stage_run_logs_params_curves_tags_and_writes_dvc_files(store, monkeypatch):
+    params, uri = store
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-ctx512")
+    with tracking.stage_run("phase1_cvfp", params) as run:
+        for i in range(3):
+            run.log_step({"loss": 1.0 / (i + 1), "er_pct": 10.0 * i}, step=i)
+        run.finish({"er_pct": 20.0, "params_total": 123})
+    client, (r,) = _runs(uri)
+    assert r.info.status == "FINISHED" and r.info.run_name == "phase1_cvfp:exp-ctx512"
+    assert r.data.params["phase1.lr"] == "0.002" and r.data.params["context_dim"] == "256"
+    assert "phase2.lr" not in r.data.params  # only what the stage reads
+    assert [m.value for m in client.get_metric_history(r.info.run_id, "loss")] == [1.0, 0.5, 1 / 3]
+    assert r.data.tags["dvc.stage"] == "phase1_cvfp" and r.data.tags["dvc.exp_name"] == "exp-ctx512"
+    assert r.data.tags["params_hash"] == params_hash(params, "phase1_cvfp")
+    assert r.data.metrics["final.params_total"] == 123
+    assert json.loads(Path("reports/metrics/phase1_cvfp.json").read_text()) == {"er_pct": 20.0, "params_total": 123}
+    assert Path("reports/plots/phase1_cvfp.csv").read_text().splitlines()[0] == "step,loss,er_pct"
+    exp = client.get_experiment_by_name("t")
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert exp.artifact_location.endswith("/mlartifacts")
+
+
+def test_an_exception_marks_the_run_failed_and_writes_no_metrics(store):
+    params, uri = store
+    with pytest.raises(ZeroDivisionError), tracking.stage_run("tokenize", params) as run:
+        run.log_step({"x": 1}, step=0)
+        1 / 0  # noqa: B018
+    _, (r,) = _runs(uri)
+    assert r.info.status == "FAILED"
+    assert not Path("reports/metrics/tokenize.json").exists()
+
+
+def test_sigterm_marks_the_run_killed(store, tmp_path: Path):
+    params, uri = store
+    script = (
+        "import time\nfrom newllm import tracking\nfrom newllm.config import Params, TrackingConfig\n"
+        f"p = Params(tracking=TrackingConfig(uri={uri!r}, experiment='t'))\n"
+        "with tracking.stage_run('phase2_train', p):\n"
+        "    print('started', flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    _, (r,) = _runs(uri)
+    assert r.info.status == "KILLED"
+
+
+def test_sync_replays_files_once(store):
+    params, uri = store
+    tracking.write_metrics("phase2_train", {"val_ppl": 12.5})
+    tracking.write_plot("phase2_train", [{"step": 0, "val_loss": 3.0}, {"step": 1, "val_loss": 2.5}])
+    assert tracking.sync(params, ["phase2_train", "tokenize"]) == ["phase2_train"]
+    assert tracking.sync(params, ["phase2_train", "tokenize"]) == []
+    client, runs = _runs(uri)
+    assert len(runs) == 1 and runs[0].data.tags["newllm.synced"] == "true"
+    assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [3.0, 2.5]
+    assert runs[0].data.metrics["final.val_ppl"] == 12.5
+
+
+def test_unreachable_server_fails_within_seconds(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    t0 = time.time()
+    with pytest.raises(tracking.TrackingError, match=f"127.0.0.1:{port}"):
+        tracking.init_store(Params())
+    assert time.time() - t0 < 5
+
+
+def test_store_lives_under_dvc_root(monkeypatch, tmp_path: Path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "user-repo"))
+    assert tracking.tracking_uri(Params()) == f"sqlite:///{tmp_path / 'user-repo' / 'mlflow.db'}"
