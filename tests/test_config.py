@@ -67,11 +67,12 @@ def test_dvc_yaml_declares_exactly_the_params_each_stage_reads():
 
 def test_bad_params_fail_fast_before_heavy_imports_and_write_nothing(tmp_path: Path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"context_dim": -4}))
-    probe = ("import sys, runpy; sys.argv=['x']\n"
-             "try:\n    runpy.run_path(sys.argv[1] if len(sys.argv)>1 else %r, run_name='__main__')\n"
-             "except SystemExit as e:\n"
+    stage = REPO / "stages" / "generate_dataset.py"
+    probe = ("import sys, runpy\n"
+             f"try:\n    runpy.run_path({str(stage)!r}, run_name='__main__')\n"
+             "except SystemExit:\n"
              "    assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, 'heavy import before validation'\n"
-             "    raise\n") % str(REPO / "stages" / "generate_dataset.py")
+             "    raise\n")
     t0 = time.time()
     res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env(), capture_output=True, text=True)
     assert res.returncode == 2, res.stderr
