@@ -54,6 +54,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600) -> su
 
 def make_project(dest: Path, overrides: dict | None = None) -> Path:
     """A copy of this project in its own git repo (with DVC initialised), params merged with overrides."""
+    dest.mkdir(parents=True)
     for name in ("dvc.yaml", "stages", "src", ".dvcignore", ".gitignore"):
         src = REPO / name
         if src.is_dir():

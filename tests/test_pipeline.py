@@ -1,0 +1,59 @@
+"""End to end: real `dvc repro` / `dvc exp run` on a throw-away copy of the project with tiny params."""
+
+import time
+from pathlib import Path
+
+import pytest
+from helpers import run
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+
+def _runs_by_stage(proj: Path) -> dict[str, list]:
+    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("newllm")
+    out: dict[str, list] = {}
+    for r in client.search_runs([exp.experiment_id], max_results=1000):
+        out.setdefault(r.data.tags["dvc.stage"], []).append(r)
+    return out
+
+
+def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
+    first = run(["dvc", "repro"], project)
+    assert "Running stage 'generate_dataset'" in first.stdout and "Running stage 'tokenize'" in first.stdout
+    assert (project / "data/dataset/train.txt").is_file() and (project / "data/tokens/train.npy").is_file()
+    assert (project / "reports/metrics/tokenize.json").is_file()
+    runs = _runs_by_stage(project)
+    assert {s: len(r) for s, r in runs.items() if s in ("generate_dataset", "tokenize")} == {
+        "generate_dataset": 1, "tokenize": 1}
+    assert all(r.info.status == "FINISHED" for rs in runs.values() for r in rs)
+
+    t0 = time.time()
+    again = run(["dvc", "repro"], project)
+    assert "Running stage" not in again.stdout and time.time() - t0 < 15
+
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    exp = run(["dvc", "exp", "run", "-n", "char-tok", "-S", "tokenizer.kind=char"], project)
+    assert "Running stage 'tokenize'" in exp.stdout
+    assert "Running stage 'generate_dataset'" not in exp.stdout
+    runs = _runs_by_stage(project)
+    assert len(runs["generate_dataset"]) == 1 and len(runs["tokenize"]) == 2
+    char_run = next(r for r in runs["tokenize"] if r.data.tags["dvc.exp_name"] == "char-tok")
+    assert char_run.data.params["tokenizer.kind"] == "char" and char_run.info.run_name == "tokenize:char-tok"
+
+    # A model param with no stage reading it yet (or only downstream ones) never reruns the data stages.
+    ctx = run(["dvc", "exp", "run", "-n", "ctx512", "-S", "context_dim=512"], project)
+    assert "Running stage 'generate_dataset'" not in ctx.stdout and "Running stage 'tokenize'" not in ctx.stdout
+    shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
+    assert "ctx512" in shown and "char-tok" in shown
+
+
+def test_bad_params_leave_no_output_and_no_running_run(project: Path):
+    params = (project / "params.yaml").read_text().replace("kind: word", "kind: wordpiece")
+    (project / "params.yaml").write_text(params)
+    res = run(["dvc", "repro"], project, check=False)
+    assert res.returncode != 0
+    assert "tokenizer.kind must be one of: word, char, bpe, gpt2" in res.stderr + res.stdout
+    assert not (project / "data/dataset").exists() and not (project / "mlflow.db").exists()
