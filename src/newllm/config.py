@@ -195,6 +195,9 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "phase1_cvfp": ["seed", "device", "context_dim", "embed_dim", "context_layers", "context_norm",
                     "embedding", "embedding_path", "phase1"],
     "phase2_train": ["seed", "device", *MODEL_KEYS, "phase2"],
+    "param_budget": [*MODEL_KEYS, "transformer.match_params"],
+    # The Transformer's width follows New-LLM's size through data/budget/transformer.json; its hash and
+    # logged params include the model keys because its result depends on them.
     "transformer": ["seed", "device", "transformer", *MODEL_KEYS],
     "lstm": ["seed", "device", "lstm"],
     "cvp": ["seed", "device", "cvp"],

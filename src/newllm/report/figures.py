@@ -1,0 +1,46 @@
+"""Training-curve figures (matplotlib, headless). Stages log them to MLflow; the report embeds them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def lm_curves(history: list[dict[str, Any]], title: str):
+    """Train (dashed) and val loss per epoch, and val perplexity, side by side."""
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "--", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "-o", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy (nats/token)", title=f"{title}: loss")
+    ax_loss.legend()
+    ax_ppl.plot(epochs, [h["val_ppl"] for h in history], "-o", color="tab:red")
+    ax_ppl.set(xlabel="epoch", ylabel="val perplexity", title=f"{title}: val PPL", yscale="log")
+    fig.tight_layout()
+    return fig
+
+
+def phase1_curves(history: list[dict[str, Any]], title: str = "Phase 1 (CVFP)"):
+    """Effective Rank % and convergence % per iteration, and the loss terms."""
+    plt = _plt()
+    its = [h["iteration"] for h in history]
+    fig, (ax_er, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_er.plot(its, [h["er_pct"] for h in history], "-o", label="Effective Rank % of dim")
+    ax_er.plot(its, [100 * h["convergence_rate"] for h in history], "-s", label="converged tokens %")
+    ax_er.set(xlabel="iteration", ylabel="%", title=f"{title}: ER and convergence", ylim=(0, 100))
+    ax_er.legend()
+    for key in ("cvfp_loss", "diversity_loss", "total_loss"):
+        ax_loss.plot(its, [h[key] for h in history], label=key)
+    ax_loss.set(xlabel="iteration", title=f"{title}: losses")
+    ax_loss.legend()
+    fig.tight_layout()
+    return fig

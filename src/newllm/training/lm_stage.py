@@ -1,0 +1,51 @@
+"""What every next-token stage (Phase 2 and each baseline) does around the generic trainer: log each
+epoch, keep the best checkpoint, evaluate on test, draw the curves, and return the final metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from newllm.config import TrainConfig
+from newllm.data.token_cache import TokenCache
+from newllm.models import count_params
+from newllm.report.figures import lm_curves
+from newllm.training import checkpoint
+from newllm.training.trainer import evaluate, train_lm
+
+
+def fit_lm(run: Any, name: str, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, seed: int,
+           device: str, ckpt_path: Path, ckpt_meta: dict[str, Any], save_module: nn.Module | None = None,
+           extras: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Train `model` with the one generic trainer; `save_module` (default: model) is what is checkpointed."""
+    extras = extras or {}
+    history: list[dict[str, Any]] = []
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        history.append({"epoch": epoch, **metrics})
+        run.log_step(metrics, step=epoch)
+
+    ids = {s: torch.from_numpy(getattr(cache, s).astype("int64")) for s in ("train", "val", "test")}
+    result = train_lm(model, ids["train"], ids["val"], cfg, extras_train=extras.get("train"),
+                      extras_val=extras.get("val"), device=device, seed=seed, on_epoch=on_epoch)
+    module = save_module if save_module is not None else model
+    checkpoint.save(ckpt_path, module.state_dict(), ckpt_meta)
+    trainable, total = count_params(model)
+    final: dict[str, Any] = {
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+        "val_loss": round(result.best_val_loss, 6), "val_ppl": round(result.best_val_ppl, 4),
+        "val_accuracy": round(result.best_val_accuracy, 6), "train_tokens": result.train_tokens,
+        "tokens_per_s": round(result.tokens_per_s, 1), "train_wall_time_s": round(result.wall_time_s, 3),
+        "params_trainable": trainable, "params_total": total,
+        "device": result.device,
+    }
+    if ids["test"].numel() > 2 * cfg.batch_size:
+        test = evaluate(model, ids["test"], cfg.seq_len, cfg.batch_size, extras=extras.get("test"))
+        final.update(test_loss=round(test["loss"], 6), test_ppl=round(test["ppl"], 4),
+                     test_accuracy=round(test["accuracy"], 6))
+    if history:
+        run.log_figure(lm_curves(history, name), f"{name}_curves.png")
+    return final
