@@ -23,7 +23,8 @@ def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
     first = run(["dvc", "repro"], project)
     assert "Running stage 'generate_dataset'" in first.stdout and "Running stage 'tokenize'" in first.stdout
     assert (project / "data/dataset/train.txt").is_file() and (project / "data/tokens/train.npy").is_file()
-    assert (project / "reports/metrics/tokenize.json").is_file()
+    for stage in ("tokenize", "phase1_cvfp", "phase2_train", "transformer", "lstm", "cvp"):
+        assert (project / f"reports/metrics/{stage}.json").is_file(), stage
     runs = _runs_by_stage(project)
     assert {s: len(r) for s, r in runs.items() if s in ("generate_dataset", "tokenize")} == {
         "generate_dataset": 1, "tokenize": 1}
@@ -43,11 +44,18 @@ def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
     char_run = next(r for r in runs["tokenize"] if r.data.tags["dvc.exp_name"] == "char-tok")
     assert char_run.data.params["tokenizer.kind"] == "char" and char_run.info.run_name == "tokenize:char-tok"
 
-    # A model param with no stage reading it yet (or only downstream ones) never reruns the data stages.
-    ctx = run(["dvc", "exp", "run", "-n", "ctx512", "-S", "context_dim=512"], project)
-    assert "Running stage 'generate_dataset'" not in ctx.stdout and "Running stage 'tokenize'" not in ctx.stdout
+    # A New-LLM param reruns both phases and the parameter-matched Transformer, nothing else.
+    ctx = run(["dvc", "exp", "run", "-n", "ctx32", "-S", "context_dim=32"], project)
+    ran = {line.split("'")[1] for line in ctx.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"phase1_cvfp", "phase2_train", "param_budget", "baseline@transformer"}, ran
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
-    assert "ctx512" in shown and "char-tok" in shown
+    assert "ctx32" in shown and "char-tok" in shown
+    runs = _runs_by_stage(project)
+    p2 = {r.data.tags["dvc.exp_name"]: r for r in runs["phase2_train"]}
+    assert p2["ctx32"].data.params["context_dim"] == "32" and p2["workspace"].data.params["context_dim"] == "16"
+    assert [m.step for m in MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(
+        p2["ctx32"].info.run_id, "val_loss")] == [1, 2]
+    assert len(runs["phase1_cvfp"]) == 3 and len(runs["lstm"]) == 2  # lstm reran only for the tokenizer change
 
 
 def test_bad_params_leave_no_output_and_no_running_run(project: Path):

@@ -101,7 +101,9 @@ class TrainConfig:
 
 @dataclass
 class Phase2Config(TrainConfig):
-    pass
+    # Contexts are cached by one exact pass over this many contiguous chunks of each split, run as a batch
+    # (1 = the plain recurrence over the whole stream; more = faster on long corpora, reset at chunk starts).
+    streams: int = _f(1, lo=1)
 
 
 @dataclass

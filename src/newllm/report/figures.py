@@ -33,13 +33,15 @@ def phase1_curves(history: list[dict[str, Any]], title: str = "Phase 1 (CVFP)"):
     """Effective Rank % and convergence % per iteration, and the loss terms."""
     plt = _plt()
     its = [h["iteration"] for h in history]
+    learned = [h for h in history if "total_loss" in h]  # iteration 0 is the sequential pass: no loss
     fig, (ax_er, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_er.plot(its, [h["er_pct"] for h in history], "-o", label="Effective Rank % of dim")
-    ax_er.plot(its, [100 * h["convergence_rate"] for h in history], "-s", label="converged tokens %")
+    ax_er.plot([h["iteration"] for h in learned], [100 * h["convergence_rate"] for h in learned], "-s",
+               label="converged tokens %")
     ax_er.set(xlabel="iteration", ylabel="%", title=f"{title}: ER and convergence", ylim=(0, 100))
     ax_er.legend()
     for key in ("cvfp_loss", "diversity_loss", "total_loss"):
-        ax_loss.plot(its, [h[key] for h in history], label=key)
+        ax_loss.plot([h["iteration"] for h in learned], [h[key] for h in learned], label=key)
     ax_loss.set(xlabel="iteration", title=f"{title}: losses")
     ax_loss.legend()
     fig.tight_layout()

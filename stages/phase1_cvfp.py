@@ -1,0 +1,54 @@
+"""DVC stage: Phase 1 of CVFP, fixed-point training of the ContextBlock (SPEC §3)."""
+
+from pathlib import Path
+
+from newllm.pipeline import run_stage
+
+CKPT = Path("data/checkpoints/phase1_cvfp.pt")
+
+
+def main(params, run) -> None:
+    import torch
+
+    from newllm.data.token_cache import load_cache
+    from newllm.models import count_params
+    from newllm.models.factory import build_newllm, newllm_hparams
+    from newllm.report.figures import phase1_curves
+    from newllm.training import checkpoint
+    from newllm.training.phase1 import train_phase1
+
+    cache = load_cache()
+    torch.manual_seed(params.seed)
+    model = build_newllm(params, cache.vocab_size)
+    history: list[dict] = []
+
+    def on_iteration(k: int, metrics: dict) -> None:
+        history.append({"iteration": k, **metrics})
+        run.log_step(metrics, step=k)
+
+    train = torch.from_numpy(cache.train.astype("int64"))
+    val = torch.from_numpy(cache.val.astype("int64"))
+    result = train_phase1(model, train, params.phase1, seed=params.seed, val_ids=val,
+                          on_iteration=on_iteration, device=params.device)
+    frozen = {k: v for k, v in model.state_dict().items() if k.startswith(("embedding.", "context_block."))}
+    checkpoint.save(CKPT, frozen, newllm_hparams(params, cache.vocab_size))
+    run.log_figure(phase1_curves(history), "phase1_curves.png")
+    final = {
+        "iterations_run": result.iterations_run, "converged": int(result.converged),
+        "train_er": round(result.train_er, 3), "train_er_pct": round(result.train_er_pct, 3),
+        "val_er": round(result.val_er, 3) if result.val_er is not None else None,
+        "val_er_pct": round(result.val_er_pct, 3) if result.val_er_pct is not None else None,
+        "convergence_rate": round(result.convergence_rate, 6),
+        "sequential_cosine": round(result.sequential_cosine, 6),
+        "train_tokens": result.train_tokens, "streams": result.streams,
+        "wall_time_s": round(result.wall_time_s, 3),
+        "params_context_block": count_params(model.context_block)[1],
+    }
+    run.finish(final)
+    print(f"phase1_cvfp: {result.iterations_run} iterations, train ER {result.train_er_pct:.1f}% "
+          f"(val {final['val_er_pct']}%), converged {result.convergence_rate:.1%}, "
+          f"cos vs sequential {result.sequential_cosine:.4f}, {result.wall_time_s:.1f}s")
+
+
+if __name__ == "__main__":
+    run_stage("phase1_cvfp", main, outs=[str(CKPT)])

@@ -1,0 +1,54 @@
+"""DVC stage: Phase 2 of CVFP, next-token training of the TokenBlock on the frozen, cached contexts."""
+
+import time
+from pathlib import Path
+
+from newllm.pipeline import run_stage
+
+PHASE1_CKPT, CKPT = Path("data/checkpoints/phase1_cvfp.pt"), Path("data/checkpoints/phase2_train.pt")
+
+
+def main(params, run) -> None:
+    import torch
+
+    from newllm.data.token_cache import load_cache
+    from newllm.models import Phase2Model
+    from newllm.models.factory import build_newllm, newllm_hparams
+    from newllm.training import checkpoint
+    from newllm.training.checkpoint import CheckpointError
+    from newllm.training.lm_stage import fit_lm
+    from newllm.training.phase1 import compute_contexts
+    from newllm.training.trainer import resolve_device
+
+    cache = load_cache()
+    hparams = newllm_hparams(params, cache.vocab_size)
+    frozen, _ = checkpoint.load(PHASE1_CKPT, expect=hparams)  # checked before any compute
+    torch.manual_seed(params.seed)
+    llm = build_newllm(params, cache.vocab_size, load_pretrained=False)  # the checkpoint holds the embedding
+    missing, unexpected = llm.load_state_dict(frozen, strict=False)
+    if unexpected or any(k.startswith(("embedding.", "context_block.")) for k in missing):
+        raise CheckpointError(f"{PHASE1_CKPT} does not hold a ContextBlock for these params "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    device = resolve_device(params.device)
+    llm.to(device)
+    model = Phase2Model(llm)  # freezes embedding + ContextBlock
+
+    # The ContextBlock is frozen, so every position's contexts are computed once (exact recurrence).
+    t0 = time.perf_counter()
+    extras = {}
+    for split in ("train", "val", "test"):
+        ids = torch.from_numpy(getattr(cache, split).astype("int64"))
+        if ids.numel():
+            extras[split] = {"contexts": compute_contexts(llm, ids, streams=params.phase2.streams, device=device)}
+    cache_s = time.perf_counter() - t0
+    final = fit_lm(run, "phase2_train", model, cache, params.phase2, seed=params.seed, device=params.device,
+                   ckpt_path=CKPT, ckpt_meta=hparams, save_module=llm, extras=extras)
+    final["context_cache_s"] = round(cache_s, 3)
+    run.finish(final)
+    print(f"phase2_train: best val loss {final['val_loss']:.4f} (PPL {final['val_ppl']:.2f}, acc "
+          f"{final['val_accuracy']:.2%}) at epoch {final['best_epoch']}; {final['params_trainable']:,} trainable "
+          f"of {final['params_total']:,} params")
+
+
+if __name__ == "__main__":
+    run_stage("phase2_train", main, outs=[str(CKPT)])
