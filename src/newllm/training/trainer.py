@@ -1,0 +1,292 @@
+"""The one generic language-model trainer: every model (New-LLM's Phase 2, the Transformer, the LSTM, the
+CVP model) is trained and evaluated by the code in this file, so their numbers are comparable by
+construction.
+
+Data layout is the classic word-language-model one: the token stream is cut into B contiguous streams
+(`batchify`), and each step reads a window of `seq_len` positions from all B streams at once. A model is
+called as
+
+    logits, state = model(x, state, **extras)
+
+where `x` is (B, T) token ids, `extras` are optional per-position tensors aligned with `x` (New-LLM's
+cached context vectors, say), and `state` is whatever the model carries from one window to the next:
+None for a stateless model (the Transformer), (h, c) for the LSTM, the context vector for CVP. The state
+is detached between windows (truncated BPTT) and reset to None at the start of every epoch and of every
+evaluation, so no evaluation sees the training stream's last state.
+
+This module knows nothing of MLflow or files: the stage logs what `train_lm` returns.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from newllm.config import TrainConfig
+
+COSINE_MIN_LR = 1e-6  # the research's cosine annealing used eta_min 1e-6
+
+
+# ----------------------------------------------------------------------------------------------- data
+def batchify(data: Tensor, batch_size: int) -> Tensor:
+    """(N, ...) -> (B, N // B, ...): B contiguous streams, the tail that does not fill a row dropped.
+
+    Row b holds tokens [b * n, (b + 1) * n), so reading the columns left to right walks every stream in
+    order. Works unchanged for per-position extras (N, ...) aligned with the token stream: they are cut
+    at the same places. Returns a view when `data` is contiguous.
+    """
+    n = data.size(0) // batch_size
+    if n < 2:
+        raise ValueError(f"batchify: {data.size(0)} positions are too few for batch_size {batch_size} "
+                         "(each stream needs at least 2 tokens: one input and one target)")
+    return data[: n * batch_size].reshape(batch_size, n, *data.shape[1:])
+
+
+def batchify_extras(extras: Mapping[str, Tensor] | None, batch_size: int) -> dict[str, Tensor]:
+    return {k: batchify(v, batch_size) for k, v in (extras or {}).items()}
+
+
+def windows(n: int, seq_len: int) -> Iterator[tuple[int, int]]:
+    """(start, length) of each window over a (B, n) batch: x = [i, i+T), y = [i+1, i+1+T).
+
+    The last window is shorter when (n - 1) is not a multiple of seq_len; every position but the first
+    of each stream is predicted exactly once.
+    """
+    for i in range(0, n - 1, seq_len):
+        yield i, min(seq_len, n - 1 - i)
+
+
+def detach_state(state: Any) -> Any:
+    """Cut the graph at the window boundary (truncated BPTT), whatever the state's nesting."""
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, (tuple, list)):
+        return type(state)(detach_state(s) for s in state)
+    if isinstance(state, dict):
+        return {k: detach_state(v) for k, v in state.items()}
+    raise TypeError(f"cannot detach a model state of type {type(state).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------- device
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device (use auto or cpu)")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); plain fp32 on CPU, where bf16 matmuls
+    are slow on most processors and would make CPU results differ from the reference numbers."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, ids: Tensor, seq_len: int | TrainConfig, batch_size: int,
+             extras: Mapping[str, Tensor] | None = None,
+             device: str | torch.device | None = None) -> dict[str, float]:
+    """The one evaluation every model goes through.
+
+    Returns loss (mean cross-entropy per predicted token, summed over every window and divided by the
+    number of predictions, so a short last window weighs by its size), ppl = exp(loss), top-1 accuracy,
+    and tokens (the number of predictions). `ids` is batchified like the training stream: the tail that
+    does not fill the last row is dropped and each stream's first token is not predicted. The model's
+    state starts empty and is carried across windows, as in training. `device` None = where the model
+    is; otherwise the model is moved there (and stays).
+    """
+    if isinstance(seq_len, TrainConfig):
+        seq_len = seq_len.seq_len
+    if device is None:
+        device = _model_device(model)
+    else:
+        device = resolve_device(device)
+        model.to(device)
+    was_training = model.training
+    model.eval()
+    data = batchify(ids, batch_size).to(device)
+    ex = batchify_extras(extras, batch_size)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_correct = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
+    state = None
+    for i, t in windows(data.size(1), seq_len):
+        x, y = data[:, i:i + t], data[:, i + 1:i + 1 + t]
+        with autocast(device):
+            logits, state = model(x, state, **{k: v[:, i:i + t].to(device) for k, v in ex.items()})
+        logits = logits.float()  # the loss in fp32 whatever the autocast dtype
+        total_loss += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        total_correct += (logits.argmax(-1) == y).sum()
+        total += y.numel()
+    model.train(was_training)
+    loss = total_loss.item() / total
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "accuracy": total_correct.item() / total,
+            "tokens": total}
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    best_epoch: int  # 1-based; the epoch whose weights the model holds after train_lm
+    best_val_loss: float
+    best_val_ppl: float
+    best_val_accuracy: float
+    history: list[dict[str, float]]  # one dict per epoch (see train_lm)
+    epochs_run: int
+    stopped_early: bool
+    wall_time_s: float  # the whole call, evaluation included
+    train_tokens: int  # predicted positions trained on, over all epochs
+    tokens_per_s: float  # train_tokens / time spent in training steps (evaluation excluded)
+    device: str
+    best_state: dict[str, Tensor] = field(repr=False, default_factory=dict)  # on CPU
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":  # plain SGD, no momentum: the word_language_model recipe
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adam, adamw, sgd)")
+
+
+def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
+    """lr of 0-based `epoch` under per-epoch cosine annealing from cfg.lr to COSINE_MIN_LR (as the
+    research's CosineAnnealingLR(T_max=epochs) stepped once per epoch)."""
+    lo = min(COSINE_MIN_LR, cfg.lr)
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainConfig, *,
+             extras_train: Mapping[str, Tensor] | None = None,
+             extras_val: Mapping[str, Tensor] | None = None,
+             device: str | torch.device = "auto", seed: int = 0, eval_batch_size: int | None = None,
+             on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+             progress: bool = True) -> TrainResult:
+    """Train `model` on next-token prediction and keep the epoch with the best validation loss.
+
+    Per epoch: one pass over the (prefix of the) train stream in windows of cfg.seq_len, then `evaluate`
+    on val_ids. The history records train_loss (token-weighted over the epoch, dropout on), val_loss,
+    val_ppl, val_accuracy, tokens_per_s (training steps only), lr (the epoch's), epoch_time_s (training
+    + evaluation). `on_epoch(epoch, metrics)` is called after each epoch (1-based) for logging.
+
+    An epoch "improves" when val_loss < best - cfg.min_delta. Without improvement the plateau scheduler
+    multiplies lr by cfg.plateau_factor (at once, like the word_language_model example's `lr /= 4`), and
+    early stopping ends training after cfg.patience such epochs in a row (0 = never). The best epoch's
+    weights are kept in memory and loaded back into `model` at the end.
+
+    Seeded with `seed` (dropout, any sampling); the model's initial weights are the caller's (seed before
+    building it). On CPU two calls with equal inputs give identical histories.
+    """
+    device = resolve_device(device)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    model.to(device)
+
+    if cfg.max_tokens:
+        train_ids = train_ids[: cfg.max_tokens]
+        extras_train = {k: v[: cfg.max_tokens] for k, v in (extras_train or {}).items()}
+    train = batchify(train_ids, cfg.batch_size).to(device)
+    ex_train = batchify_extras(extras_train, cfg.batch_size)  # stays on the host: it can be large
+    eval_bs = eval_batch_size or cfg.batch_size
+
+    opt = make_optimizer(model, cfg)
+    lr = cfg.lr
+    best_loss, best_epoch, best_metrics = math.inf, 0, {}
+    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    history: list[dict[str, float]] = []
+    bad_epochs, stopped_early = 0, False
+    train_tokens, train_time = 0, 0.0
+    t_start = time.perf_counter()
+
+    for epoch in range(cfg.epochs):
+        if cfg.scheduler == "cosine":
+            lr = cosine_lr(cfg, epoch)
+        _set_lr(opt, lr)
+        t0 = time.perf_counter()
+        model.train()
+        state = None  # every epoch starts from an empty state
+        sum_loss = torch.zeros((), dtype=torch.float64, device=device)
+        n_tok = 0
+        bar = tqdm(list(windows(train.size(1), cfg.seq_len)), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        for step, (i, t) in enumerate(bar):
+            x, y = train[:, i:i + t], train[:, i + 1:i + 1 + t]
+            with autocast(device):
+                logits, state = model(x, state, **{k: v[:, i:i + t].to(device, non_blocking=True)
+                                                  for k, v in ex_train.items()})
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            state = detach_state(state)
+            sum_loss += loss.detach() * y.numel()
+            n_tok += y.numel()
+            if progress and step % 50 == 0:  # .item() syncs the GPU: not every step
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_train = time.perf_counter() - t0
+        train_time += t_train
+        train_tokens += n_tok
+
+        val = evaluate(model, val_ids, cfg.seq_len, eval_bs, extras=extras_val, device=device)
+        metrics = {"train_loss": sum_loss.item() / n_tok, "val_loss": val["loss"], "val_ppl": val["ppl"],
+                   "val_accuracy": val["accuracy"], "tokens_per_s": n_tok / max(t_train, 1e-9), "lr": lr,
+                   "epoch_time_s": time.perf_counter() - t0}
+        history.append(metrics)
+
+        if val["loss"] < best_loss - cfg.min_delta:
+            best_loss, best_epoch, best_metrics, bad_epochs = val["loss"], epoch + 1, val, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if cfg.scheduler == "plateau":
+                lr *= cfg.plateau_factor
+        if on_epoch is not None:
+            on_epoch(epoch + 1, dict(metrics))
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}: train {metrics['train_loss']:.4f}  val {val['loss']:.4f}  "
+                       f"ppl {val['ppl']:.2f}  acc {val['accuracy']:.4f}  lr {metrics['lr']:.3g}  "
+                       f"{metrics['tokens_per_s']:.0f} tok/s  {metrics['epoch_time_s']:.1f}s")
+        if cfg.patience and bad_epochs >= cfg.patience:
+            stopped_early = epoch + 1 < cfg.epochs
+            break
+
+    model.load_state_dict(best_state)
+    return TrainResult(
+        best_epoch=best_epoch, best_val_loss=best_loss,
+        best_val_ppl=best_metrics.get("ppl", math.inf), best_val_accuracy=best_metrics.get("accuracy", 0.0),
+        history=history, epochs_run=len(history), stopped_early=stopped_early,
+        wall_time_s=time.perf_counter() - t_start, train_tokens=train_tokens,
+        tokens_per_s=train_tokens / max(train_time, 1e-9), device=str(device),
+        best_state=best_state)

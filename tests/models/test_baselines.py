@@ -1,0 +1,212 @@
+"""The three baseline models: parameter matching, shapes, causality, state carrying, CVP switches."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from newllm.config import CVPConfig, LSTMConfig, TransformerConfig
+from newllm.models.cvp import CVPLM
+from newllm.models.lstm import LSTMLM
+from newllm.models.transformer import TransformerLM, gpt2_param_count, match_width, n_params
+
+V, T = 50, 12
+
+
+def tiny(kind: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "transformer":
+        return TransformerLM(V, n_layer=2, n_head=2, n_embd=16, seq_len=T, dropout=kw.pop("dropout", 0.0))
+    if kind == "lstm":
+        return LSTMLM(V, embed_dim=16, hidden_dim=16, num_layers=2, dropout=kw.pop("dropout", 0.0), **kw)
+    args = dict(embed_dim=8, context_dim=12, hidden_dim=16, num_layers=2, dropout=0.0, seq_len=T)
+    return CVPLM(V, **{**args, **kw})
+
+
+def tokens(b=3, t=T, seed=1):
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------- params
+@pytest.mark.parametrize("target,vocab,n_layer,n_head,seq_len", [
+    (3_009_768, 1000, 6, 4, 32), (400_000, 252, 2, 4, 32), (5_000_000, 8000, 4, 8, 64),
+    (1_500_000, 33278, 2, 2, 35), (25_000_000, 33278, 6, 8, 128)])
+def test_match_width_lands_within_10_percent(target, vocab, n_layer, n_head, seq_len):
+    d = match_width(target, vocab, n_layer, n_head, seq_len)
+    assert d % n_head == 0
+    m = TransformerLM(vocab, n_layer, n_head, d, seq_len) if target < 4_000_000 else None
+    n = n_params(m) if m is not None else gpt2_param_count(vocab, n_layer, d, seq_len)
+    assert abs(n - target) <= 0.10 * target
+
+
+def test_param_formula_counts_tied_head_once():
+    m = TransformerLM(V, 3, 4, 24, T)
+    assert m.gpt.lm_head.weight is m.gpt.transformer.wte.weight
+    assert n_params(m) == gpt2_param_count(V, 3, 24, T)
+
+
+def test_match_width_refuses_an_unreachable_target():
+    with pytest.raises(ValueError, match="±10%"):
+        match_width(1000, 33278, 2, 4, 32)  # the embedding alone is far larger
+
+
+def test_from_config_builds_each_model():
+    assert TransformerLM.from_config(TransformerConfig(n_layer=1, n_head=2, seq_len=8), V, n_embd=8).seq_len == 8
+    assert LSTMLM.from_config(LSTMConfig(embed_dim=8, hidden_dim=8, tie_weights=True), V).head.weight.shape == (V, 8)
+    cvp = CVPLM.from_config(CVPConfig(embed_dim=8, context_dim=8, hidden_dim=8, gating=True), V)
+    assert cvp.forget is not None and cvp.norm is not None
+
+
+# ----------------------------------------------------------------------------------------------- shapes, causality
+@pytest.mark.parametrize("kind", ["transformer", "lstm", "cvp"])
+def test_forward_shapes_and_causality(kind):
+    m = tiny(kind).eval()
+    x = tokens()
+    logits, state = m(x)
+    assert logits.shape == (3, T, V)
+    if kind == "transformer":
+        assert state is None
+    elif kind == "lstm":
+        assert state[0].shape == state[1].shape == (2, 3, 16)
+    else:
+        assert state.shape == (3, 12)
+    cut = 5
+    x2 = x.clone()
+    x2[:, cut + 1:] = (x2[:, cut + 1:] + 7) % V  # change only the future of position `cut`
+    logits2, _ = m(x2)
+    torch.testing.assert_close(logits2[:, :cut + 1], logits[:, :cut + 1])
+    assert not torch.allclose(logits2[:, cut + 1:], logits[:, cut + 1:])
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm", "cvp"])
+def test_one_step_lowers_the_loss(kind):
+    m = tiny(kind)
+    x, y = tokens(seed=2), tokens(seed=3)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+
+    def loss():
+        return F.cross_entropy(m(x)[0].reshape(-1, V), y.reshape(-1))
+
+    before = loss()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    assert loss().item() < before.item()
+
+
+@pytest.mark.parametrize("kind,kw", [("lstm", {}), ("cvp", {}), ("cvp", {"gating": True, "context_clip": 0.5}),
+                                     ("cvp", {"context_norm": False})])
+def test_state_carried_across_windows_equals_one_long_forward(kind, kw):
+    m = tiny(kind, **kw).eval()
+    x = tokens(t=T)
+    full, _ = m(x)
+    a, s = m(x[:, :5])
+    b, s = m(x[:, 5:9], s)
+    c, _ = m(x[:, 9:], s)
+    torch.testing.assert_close(torch.cat([a, b, c], dim=1), full)
+
+
+def test_transformer_kv_cache_steps_match_the_full_forward():
+    m = tiny("transformer").eval()
+    x = tokens(b=2, t=8)
+    full, _ = m(x)
+    logits, cache = m.step(x[:, :3])
+    steps = [logits]
+    for t in range(3, 8):
+        logits, cache = m.step(x[:, t:t + 1], cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_transformer_stream_generates_past_the_position_table():
+    m = tiny("transformer")
+    out = list(m.stream(torch.tensor([1, 2, 3]), max_new_tokens=2 * T + 3, top_k=5,
+                        generator=torch.Generator().manual_seed(0)))
+    assert len(out) == 2 * T + 3 and all(0 <= t < V for t in out)
+    assert m.training  # mode restored
+
+
+def test_lstm_tying():
+    with pytest.raises(ValueError, match="embed_dim == hidden_dim"):
+        LSTMLM(V, embed_dim=8, hidden_dim=16, tie_weights=True)
+    m = LSTMLM(V, embed_dim=16, hidden_dim=16, tie_weights=True)
+    assert m.head.weight is m.embed.weight
+    assert n_params(m) == n_params(LSTMLM(V, 16, 16)) - V * 16
+
+
+# ----------------------------------------------------------------------------------------------- CVP switches
+def reference_cvp(m: CVPLM, x: torch.Tensor) -> torch.Tensor:
+    """SPEC §2 written out literally, token by token, with [e_t ; c_{t-1}] concatenated."""
+    w1 = torch.cat([m.in_e.weight, m.in_c.weight], dim=1)
+    c = torch.zeros(x.size(0), m.context_dim)
+    out = []
+    for t in range(x.size(1)):
+        e = m.embed(x[:, t]) + (m.pos.weight[t] if m.pos is not None else 0)
+        h = F.relu(F.linear(torch.cat([e, c], dim=-1), w1, m.in_e.bias))
+        for layer in m.fnn:
+            h = F.relu(layer(h))
+        delta = m.update(h)
+        if m.forget is not None:
+            c = torch.sigmoid(m.forget(h)) * c + torch.sigmoid(m.input_gate(h)) * delta
+        else:
+            c = c + delta
+        if m.norm is not None:
+            c = F.layer_norm(c, (m.context_dim,), m.norm.weight, m.norm.bias)
+        if m.context_clip > 0:
+            c = c.clamp(-m.context_clip, m.context_clip)
+        out.append(m.head(h))
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("kw", [{}, {"context_norm": False}, {"gating": True}, {"gating": True, "context_norm": False},
+                                {"context_clip": 0.05, "context_norm": False}, {"positional": True},
+                                {"num_layers": 1}, {"num_layers": 3}])
+def test_cvp_matches_the_spec_formula(kw):
+    m = tiny("cvp", **kw).eval()
+    x = tokens()
+    torch.testing.assert_close(m(x)[0], reference_cvp(m, x))
+
+
+def test_cvp_modules_exist_only_with_their_switch():
+    plain = tiny("cvp", context_norm=False)
+    assert plain.forget is None and plain.input_gate is None and plain.norm is None and plain.pos is None
+    names = {n for n, _ in plain.named_parameters()}
+    assert not any(k in n for n in names for k in ("forget", "input_gate", "norm", "pos"))
+    gated = tiny("cvp", context_norm=False, gating=True)
+    assert n_params(gated) == n_params(plain) + 2 * 16 * 12  # two bias-free 16 -> 12 gates
+    normed = tiny("cvp", context_norm=True)
+    assert n_params(normed) == n_params(plain) + 2 * 12
+    pos = tiny("cvp", context_norm=False, positional=True)
+    assert n_params(pos) == n_params(plain) + T * 8
+
+
+def test_cvp_switches_change_the_computation():
+    x = tokens()
+    base = tiny("cvp", context_norm=False).eval()
+    with torch.no_grad():  # N(0, 0.02) makes every output tiny: scale up so differences are visible
+        for p in base.parameters():
+            p.normal_(0.0, 0.5)
+    ref = base(x)[0]
+    for kw in ({"context_norm": True}, {"gating": True, "context_norm": False},
+               {"context_clip": 0.01, "context_norm": False}, {"positional": True, "context_norm": False}):
+        other = tiny("cvp", **kw).eval()
+        other.load_state_dict(base.state_dict(), strict=False)  # same shared weights, the switch differs
+        torch.nn.init.normal_(other.pos.weight) if other.pos is not None else None
+        assert not torch.allclose(other(x)[0], ref), kw
+
+
+def test_cvp_clip_bounds_the_state_and_norm_normalises_it():
+    x = tokens(t=T)
+    unclipped = tiny("cvp", context_norm=False)
+    torch.nn.init.normal_(unclipped.update.bias, 0.0, 1.0)  # make the context drift far
+    clipped = tiny("cvp", context_norm=False, context_clip=0.5)
+    clipped.load_state_dict(unclipped.state_dict())
+    assert unclipped(x)[1].abs().max() > 0.5
+    assert clipped(x)[1].abs().max() <= 0.5
+    normed = tiny("cvp", context_norm=True)
+    c = normed(x)[1]
+    torch.testing.assert_close(c.mean(-1), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_cvp_positional_refuses_a_window_longer_than_its_table():
+    with pytest.raises(ValueError, match="position table"):
+        tiny("cvp", positional=True)(tokens(t=T + 1))
