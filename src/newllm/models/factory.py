@@ -48,3 +48,32 @@ def build_baseline(name: str, params: Params, vocab_size: int, n_embd: int | Non
 
         return CVPLM.from_config(params.cvp, vocab_size)
     raise ValueError(f"unknown baseline {name!r}")
+
+
+MODEL_NAMES = ("newllm", "transformer", "lstm", "cvp")
+
+
+def checkpoint_path(name: str, ckpt_dir: str = "data/checkpoints") -> str:
+    """Where the trained weights of each model live (New-LLM's full model is Phase 2's output)."""
+    return f"{ckpt_dir}/{'phase2_train' if name == 'newllm' else name}.pt"
+
+
+def load_model(name: str, params: Params, vocab_size: int, ckpt_dir: str = "data/checkpoints") -> nn.Module:
+    """A trained model, rebuilt from params and its checkpoint; a mismatch or damage raises
+    CheckpointError naming the file."""
+    from newllm.training import checkpoint
+
+    path = checkpoint_path(name, ckpt_dir)
+    if name == "newllm":
+        state, _ = checkpoint.load(path, expect=newllm_hparams(params, vocab_size))
+        model = build_newllm(params, vocab_size, load_pretrained=False)
+    elif name in MODEL_NAMES:
+        state, meta = checkpoint.load(path, expect={"vocab_size": vocab_size, "baseline": name})
+        model = build_baseline(name, params, vocab_size, n_embd=meta.get("n_embd"))
+    else:
+        raise ValueError(f"unknown model {name!r} (one of {', '.join(MODEL_NAMES)})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(f"{path} does not fit the current params: {str(e)[:300]}") from None
+    return model.eval()
