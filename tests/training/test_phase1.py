@@ -1,0 +1,290 @@
+"""Phase 1 (fixed-point training of the ContextBlock) and the Phase 2 context cache.
+
+Pins the research's three bugs: (1) the target policy, (2) the context carried across iterations, (3) the
+context carried across tokens in Phase 2 -- plus the Jacobi structure that makes the parallel pass valid.
+"""
+
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from newllm.config import Phase1Config, Phase2Config
+from newllm.models import NewLLM, Phase2Model
+from newllm.training.phase1 import (
+    compute_contexts,
+    parallel_contexts,
+    sequential_pass,
+    shift_contexts,
+    split_streams,
+    train_phase1,
+)
+
+V, DC, DE, L = 17, 16, 12, 2
+# no early stop (min_converged > 1), so every iteration runs
+CFG = Phase1Config(iterations=4, min_converged=2.0, dist_reg_weight=0.5, lr=0.01)
+
+
+def tiny(seed: int = 0) -> NewLLM:
+    torch.manual_seed(seed)
+    return NewLLM(V, DC, DE, L, L)
+
+
+def stream(n: int = 40, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def run(cfg=CFG, model=None, ids=None, **kw):
+    model = model or tiny()
+    ids = stream() if ids is None else ids
+    return model, train_phase1(model, ids, cfg, device="cpu", trace=True, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- passes
+def test_sequential_pass_carries_the_context_and_resets_only_at_stream_starts():
+    model = tiny()
+    ids = stream(30).reshape(3, 10)
+    P = sequential_pass(model, ids)  # (3, 10, L, DC)
+    for s in range(3):
+        c = torch.zeros(1, DC)  # each stream starts from zero
+        for t in range(10):
+            out = model.context_block(c, model.embedding(ids[s, t:t + 1]))
+            torch.testing.assert_close(P[s, t], out[0])
+            c = out[:, -1]
+
+
+def test_one_parallel_iteration_equals_a_per_token_loop():
+    model = tiny()
+    ids = stream(24).reshape(2, 12)
+    prev = torch.randn(2, 12, DC)  # any previous iteration's last-layer contexts
+    with torch.no_grad():
+        C = parallel_contexts(model, ids, prev)
+        for s in range(2):
+            for t in range(12):
+                c_in = prev[s, t - 1:t] if t > 0 else torch.zeros(1, DC)  # zero at the stream start
+                ref = model.context_block(c_in, model.embedding(ids[s, t:t + 1]))[0]
+                torch.testing.assert_close(C[s, t], ref)
+
+
+def test_parallel_iteration_is_jacobi_for_the_recurrence():
+    """With the weights held, position t is exact after t + 1 iterations from any start: the fixed point
+    is the sequential state sequence."""
+    model = tiny()
+    ids = stream(15)[None]
+    exact = sequential_pass(model, ids)
+    P = torch.randn(1, 15, DC) * 5
+    with torch.no_grad():
+        for k in range(15):
+            C = parallel_contexts(model, ids, P)
+            torch.testing.assert_close(C[:, : k + 1], exact[:, : k + 1])
+            P = C[..., -1, :]
+
+
+def test_wrap_gives_the_first_position_the_last_context():
+    prev = torch.randn(2, 5, DC)
+    assert torch.equal(shift_contexts(prev, "wrap")[:, 0], prev[:, -1])
+    assert torch.equal(shift_contexts(prev, "zero")[:, 0], torch.zeros(2, DC))
+    assert torch.equal(shift_contexts(prev)[:, 1:], prev[:, :-1])
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+def test_first_parallel_iteration_matches_the_reference_from_the_initial_weights():
+    model = tiny()
+    init = copy.deepcopy(model)
+    ids = stream()
+    _, res = run(model=model, ids=ids)
+    P0 = sequential_pass(init, ids[None])[..., -1, :]
+    torch.testing.assert_close(res.trace[0]["output"], P0)
+    with torch.no_grad():
+        want = parallel_contexts(init, ids[None], P0)[..., -1, :]
+    torch.testing.assert_close(res.trace[1]["output"], want)
+    assert res.history[1]["cvfp_loss"] < 1e-10  # iteration 0's exact pass is already the fixed point
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_context_is_carried_across_iterations(mode):
+    """Bug 2: iteration k's input contexts are iteration k-1's outputs, never a reset to zero."""
+    _, res = run(replace(CFG, mode=mode))
+    for k in range(1, res.iterations_run):
+        inputs = res.trace[k]["input"]
+        src = res.trace[k - 1]["output"] if mode == "parallel" else res.trace[k]["output"]
+        # parallel: the previous iteration's outputs, shifted; sequential (the research's reference):
+        # this pass's own previous token, detached
+        torch.testing.assert_close(inputs, shift_contexts(src))
+        assert inputs[:, 1:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_each_iteration_runs_with_the_weights_of_the_step_before(mode):
+    """parallel: C^(k) = one Jacobi step from C^(k-1); sequential (the research's reference): the exact
+    recurrence. Both with the weights as the previous iteration's optimiser step left them."""
+    model, ids, snaps = tiny(), stream(), {}
+    _, res = run(replace(CFG, mode=mode), model=model, ids=ids,
+                 on_iteration=lambda k, m: snaps.__setitem__(k, copy.deepcopy(model)))
+    for k in range(1, res.iterations_run):
+        with torch.no_grad():
+            if mode == "parallel":
+                want = parallel_contexts(snaps[k - 1], ids[None], res.trace[k - 1]["output"])[..., -1, :]
+            else:
+                want = sequential_pass(snaps[k - 1], ids[None])[..., -1, :]
+        torch.testing.assert_close(res.trace[k]["output"], want)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "previous"])
+def test_target_policy(policy):
+    """Bug 1: `fixed` keeps iteration 0's contexts as the target for every iteration; `previous`
+    refreshes it to the previous iteration's."""
+    _, res = run(replace(CFG, target=policy))
+    assert res.iterations_run == CFG.iterations
+    for k in range(1, res.iterations_run):
+        want = res.trace[0]["output"] if policy == "fixed" else res.trace[k - 1]["output"]
+        assert torch.equal(res.trace[k]["target"], want)
+        # and the reported cvfp loss is the MSE against exactly that target
+        got = F.mse_loss(res.trace[k]["output"], res.trace[k]["target"]).item()
+        assert res.history[k]["cvfp_loss"] == pytest.approx(got, rel=1e-5, abs=1e-12)
+    if policy == "fixed":
+        assert not torch.equal(res.trace[2]["target"], res.trace[1]["output"])
+
+
+def test_losses_and_metrics_are_reported_every_iteration():
+    seen = []
+    _, res = run(on_iteration=lambda k, m: seen.append((k, m)), val_ids=stream(20, seed=5))
+    assert [k for k, _ in seen] == list(range(CFG.iterations))
+    for _, m in seen[1:]:
+        assert m["total_loss"] == pytest.approx(0.5 * m["cvfp_loss"] + 0.5 * m["diversity_loss"], rel=1e-5)
+        assert m["diversity_loss"] < 0 and 0 <= m["convergence_rate"] <= 1
+        assert 1 <= m["er"] <= DC and m["er_pct"] == pytest.approx(100 * m["er"] / DC)
+    assert 1 <= res.val_er <= DC
+    assert -1 <= res.sequential_cosine <= 1.0 + 1e-6
+
+
+def test_sequential_cosine_is_one_when_the_weights_do_not_move():
+    """The parallel iterates track the exact recurrence; they part only as far as training moves it."""
+    _, still = run(replace(CFG, lr=0.0, iterations=6))
+    assert still.sequential_cosine == pytest.approx(1.0, abs=1e-6)
+    _, moving = run(replace(CFG, lr=0.01, iterations=6))
+    assert moving.sequential_cosine < 0.999
+
+
+def test_diversity_loss_is_negative_spread_over_tokens():
+    _, res = run()
+    C = res.trace[1]["output"].reshape(-1, DC)
+    want = -(C - C.mean(0)).norm().item() / C.size(0)
+    assert res.history[1]["diversity_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_only_the_context_path_is_optimised():
+    model = tiny()
+    before = copy.deepcopy(model.state_dict())
+    run(model=model)
+    after = model.state_dict()
+    for name in before:
+        moved = not torch.equal(before[name], after[name])
+        assert moved == name.startswith(("context_block.", "embedding.")), name
+
+
+def test_frozen_gpt2_style_embedding_stays_put():
+    model = tiny()
+    model.embedding.wte.weight.requires_grad_(False)
+    wte = model.embedding.wte.weight.clone()
+    run(model=model)
+    assert torch.equal(model.embedding.wte.weight, wte)
+
+
+def test_early_stop_on_convergence_not_before_iteration_2():
+    _, res = run(replace(CFG, iterations=8, min_converged=0.5, convergence_threshold=1e3))
+    assert res.converged and res.iterations_run == 3  # iterations 0, 1, 2
+
+
+def test_streams_and_max_tokens():
+    _, res = run(replace(CFG, streams=3, max_tokens=31))
+    assert res.streams == 3 and res.train_tokens == 30  # 31 // 3 * 3
+    assert res.contexts.shape == (3, 10, DC)
+    # each stream's first position starts from zero
+    assert torch.equal(res.trace[1]["input"][:, 0], torch.zeros(3, DC))
+    assert split_streams(torch.arange(7), 2).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_noise_perturbs_inputs_reproducibly():
+    cfg = replace(CFG, noise=0.1)
+    _, a = run(cfg, seed=3)
+    _, b = run(cfg, seed=3)
+    _, c = run(cfg, seed=4)
+    assert torch.equal(a.trace[1]["input"], b.trace[1]["input"])
+    assert not torch.equal(a.trace[1]["input"], c.trace[1]["input"])
+    assert not torch.equal(a.trace[1]["input"], shift_contexts(a.trace[0]["output"]))
+
+
+def test_same_seed_same_metrics():
+    strip = lambda h: [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in h]  # noqa: E731
+    _, a = run(seed=7)
+    _, b = run(seed=7)
+    assert strip(a.history) == strip(b.history)
+    assert torch.equal(a.contexts, b.contexts)
+
+
+def test_research_init_trains_stably_at_width():
+    """N(0, 0.1^2) weights with LayerNorm: finite, bounded contexts and losses after training at D = 128."""
+    torch.manual_seed(0)
+    model = NewLLM(64, 128, 128, 3, 3)
+    ids = torch.randint(0, 64, (300,), generator=torch.Generator().manual_seed(0))
+    res = train_phase1(model, ids, replace(CFG, iterations=6, lr=0.002, dist_reg_weight=0.9), device="cpu")
+    assert all(math.isfinite(m["total_loss"]) for m in res.history[1:])
+    assert res.contexts.abs().max() < 50  # LayerNorm keeps every element O(sqrt(D)) at most
+    assert res.train_er_pct > 10 and res.sequential_cosine > 0.9
+
+
+# ----------------------------------------------------------------------------------------------- phase 2
+def test_compute_contexts_carries_the_context_across_tokens():
+    """Bug 3: the cache is the plain sequential recurrence, not a per-token reset."""
+    model = tiny()
+    ids = stream(50)
+    ctx = compute_contexts(model, ids)
+    with torch.no_grad():
+        exact, _ = model.sequential_contexts(ids)
+        reset = model.context_block(torch.zeros(50, DC), model.embedding(ids))  # every token from zero
+    torch.testing.assert_close(ctx, exact)
+    assert not torch.allclose(ctx[1:], reset[1:])
+    torch.testing.assert_close(compute_contexts(model, ids, chunk=7), exact)  # chunking carries it too
+
+
+def test_compute_contexts_streams_are_contiguous_chunks():
+    model = tiny()
+    ids = stream(23)
+    ctx = compute_contexts(model, ids, streams=3, chunk=5)  # chunks of 8, 8, 7 (the last padded)
+    assert ctx.shape == (23, L, DC)
+    with torch.no_grad():
+        for a, b in ((0, 8), (8, 16), (16, 23)):
+            torch.testing.assert_close(ctx[a:b], model.sequential_contexts(ids[a:b])[0])
+    assert compute_contexts(model, ids, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_phase2_model_on_cached_contexts_equals_the_full_recurrent_model():
+    model = tiny()
+    ids = stream(24)
+    ctx = compute_contexts(model, ids)
+    with torch.no_grad():
+        full, _ = model(ids[None])
+        cached, _ = Phase2Model(model)(ids.reshape(3, 8), None, contexts=ctx.reshape(3, 8, L, DC))
+    torch.testing.assert_close(cached.reshape(1, 24, V), full)
+
+
+def test_phase2_trains_with_the_generic_trainer():
+    from newllm.training.trainer import train_lm
+
+    model = tiny()
+    train_phase1(model, stream(200), CFG, device="cpu")
+    train_ids, val_ids = stream(400, seed=2), stream(120, seed=3)
+    extras_train = {"contexts": compute_contexts(model, train_ids, streams=4)}
+    extras_val = {"contexts": compute_contexts(model, val_ids)}
+    frozen = copy.deepcopy(model.context_block.state_dict())
+    cfg = Phase2Config(epochs=3, batch_size=4, seq_len=8, lr=0.01, patience=0)
+    res = train_lm(Phase2Model(model), train_ids, val_ids, cfg, extras_train=extras_train,
+                   extras_val=extras_val, device="cpu", progress=False)
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    assert res.best_val_loss < math.log(V) + 0.5
+    for k, v in model.context_block.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
