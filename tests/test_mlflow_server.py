@@ -1,0 +1,145 @@
+"""A real `mlflow server` on loopback serves the runs that tracking.py wrote (REST API checked).
+
+`mlflow_server` and `two_run_store` are imported by test_browser.py too.
+"""
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import VENV_BIN, env
+
+from newllm import tracking
+from newllm.config import Params, TrackingConfig
+
+CONTEXT_DIMS = {"exp-ctx16": 16, "exp-ctx32": 32}  # DVC experiment name -> context_dim
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read()
+
+
+def api(base: str, endpoint: str, query: dict | None = None, body: dict | None = None) -> dict:
+    """GET (query) or POST (JSON body) to MLflow's REST API 2.0."""
+    url = f"{base}/api/2.0/mlflow/{endpoint}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def two_run_store(root: Path) -> tuple[str, dict[str, str]]:
+    """A SQLite store under `root` holding two FINISHED `phase2_train` runs written by tracking.stage_run,
+    one per experiment of CONTEXT_DIMS, each with a 3-point `val_loss` history; returns (uri, exp -> run id)."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    run_ids = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("DVC_ROOT", raising=False)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for exp, ctx in CONTEXT_DIMS.items():
+            mp.setenv("DVC_EXP_NAME", exp)
+            params = Params(context_dim=ctx, tracking=TrackingConfig(uri=uri, experiment="t"))
+            with tracking.stage_run("phase2_train", params) as run:
+                for step in range(3):
+                    run.log_step({"val_loss": 3.0 - step * ctx / 100}, step=step)
+                run.finish({"val_ppl": math.exp(3.0 - 2 * ctx / 100), "params_total": 1000 * ctx})
+            run_ids[exp] = run.run_id
+    return uri, run_ids
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, workdir: Path, timeout: float = 45.0) -> Iterator[str]:
+    """`mlflow server` on a free loopback port over `backend_uri`; yields its base URL once /health answers.
+    The server runs in its own session and is ended with all its children (uvicorn worker) on exit."""
+    port = _free_port()
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
+           "--default-artifact-root", (workdir / "mlartifacts").as_uri(),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # No background job consumers (GenAI scorers): they are several extra processes on a 2-core machine.
+    server_env = {**env(), "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log_path = workdir / "mlflow-server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=server_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(urllib.error.URLError, OSError):
+                if _get(f"{base}/health", timeout=2) == b"OK":
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server not healthy in {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    uri, run_ids = two_run_store(root)
+    with mlflow_server(uri, root) as base:
+        yield base, run_ids
+
+
+def test_server_serves_both_runs_params_and_experiment_tag(served):
+    base, run_ids = served
+    exp = api(base, "experiments/get-by-name", {"experiment_name": "t"})["experiment"]
+    assert {t["key"]: t["value"] for t in exp["tags"]}[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    found = api(base, "runs/search", body={"experiment_ids": [exp["experiment_id"]],
+                                            "filter": "tags.`dvc.stage` = 'phase2_train'", "max_results": 10})
+    runs = {r["info"]["run_id"]: r for r in found["runs"]}
+    assert set(runs) == set(run_ids.values())
+    for exp_name, run_id in run_ids.items():
+        r = runs[run_id]
+        params = {p["key"]: p["value"] for p in r["data"]["params"]}
+        tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
+        assert r["info"]["run_name"] == f"phase2_train:{exp_name}" and r["info"]["status"] == "FINISHED"
+        assert params["context_dim"] == str(CONTEXT_DIMS[exp_name]) and params["phase2.lr"] == "0.002"
+        assert tags["dvc.exp_name"] == exp_name and tags["dvc.stage"] == "phase2_train"
+        assert {m["key"] for m in r["data"]["metrics"]} >= {"val_loss", "final.val_ppl", "final.params_total"}
+    # The same search the UI makes when filtering on a param.
+    only_32 = api(base, "runs/search", body={"experiment_ids": [exp["experiment_id"]],
+                                             "filter": "params.context_dim = '32'"})
+    assert [r["info"]["run_id"] for r in only_32["runs"]] == [run_ids["exp-ctx32"]]
+
+
+def test_server_serves_metric_histories(served):
+    base, run_ids = served
+    for exp_name, run_id in run_ids.items():
+        hist = api(base, "metrics/get-history", {"run_id": run_id, "metric_key": "val_loss"})["metrics"]
+        ctx = CONTEXT_DIMS[exp_name]
+        assert [m["step"] for m in hist] == [0, 1, 2]
+        assert [m["value"] for m in hist] == pytest.approx([3.0 - s * ctx / 100 for s in range(3)])
