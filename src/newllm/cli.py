@@ -38,7 +38,52 @@ def _ui(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
     print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
-    return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    # No background job workers: the UI alone is what a laptop needs (MLflow 3 starts several otherwise).
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return subprocess.call(cmd, env=env)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from newllm.report import ablations
+
+    params = load_params_or_exit(args.params)
+    groups, md, figure = ablations.compare(params, Path(args.out))
+    print(ablations.markdown_table(groups), end="")
+    print(f"wrote {md} and {figure}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from newllm.data.token_cache import load_cache
+    from newllm.errors import PipelineError
+    from newllm.generation import decode_stream, stream_tokens
+    from newllm.models.factory import load_model
+
+    params = load_params_or_exit(args.params)
+    rep = params.report  # unset flags fall back to the report's generation settings
+    cache = load_cache()
+    tok, eos = cache.tokenizer(), int(cache.meta["eos_id"])
+    model = load_model(args.model, params, cache.vocab_size)
+    prompt = rep.prompts[0] if args.prompt is None else args.prompt
+    enc = tok.encode(prompt, add_special_tokens=False).ids
+    unk = cache.meta.get("unk_id")
+    if unk is not None and unk in enc:
+        print(f"warning: {enc.count(unk)} prompt token(s) not in the vocabulary (read as <unk>)", file=sys.stderr)
+    ids = [eos, *enc]  # training streams put an end-of-line before every line: the prompt starts a line
+    top_k = rep.top_k if args.top_k is None else (args.top_k or None)  # --top-k 0: no top-k
+    try:
+        tokens = stream_tokens(model, ids, rep.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+                               rep.temperature if args.temperature is None else args.temperature, top_k,
+                               params.seed if args.seed is None else args.seed, args.greedy)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    print(prompt, end="", flush=True)
+    for piece in decode_stream(tok, tokens, prompt_ids=ids, eos_id=eos):
+        print(piece, end="", flush=True)  # each piece as soon as it is sampled
+    print()
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -57,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     ui = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 over the project's store")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=_ui)
+    compare = sub.add_parser("compare", help="ablation table + figure over the MLflow runs of the training stages")
+    compare.add_argument("--out", default="reports", help="output folder: <out>/ablations.md, <out>/figures/ablations.png")
+    compare.set_defaults(fn=_compare)
+    gen = sub.add_parser("generate", help="stream text from a trained model (unset flags: params report.*)")
+    gen.add_argument("--model", choices=("newllm", "transformer", "lstm", "cvp"), default="newllm")
+    gen.add_argument("--prompt", help="text to continue (default: the first of report.prompts)")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0: all)")
+    gen.add_argument("--seed", type=int, help="sampling seed (default: params seed)")
+    gen.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    gen.set_defaults(fn=_generate)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

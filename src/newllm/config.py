@@ -203,7 +203,9 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "transformer": ["seed", "device", "transformer", *MODEL_KEYS],
     "lstm": ["seed", "device", "lstm"],
     "cvp": ["seed", "device", "cvp"],
-    "report": ["seed", "report", "baselines"],
+    # The report rebuilds every trained model from its checkpoint, so it reads their params too.
+    "report": ["seed", "report", "baselines", *MODEL_KEYS, "transformer", "lstm", "cvp", "dataset.source",
+               "tokenizer.kind"],
 }
 
 

@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -156,7 +157,8 @@ def write_plot(name: str, rows: list[dict[str, Any]], root: Path = Path(".")) ->
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in flatten(metrics).items()
+    """The finite numbers of `metrics`, under names MLflow accepts."""
+    return {re.sub(r"[^\w\-. :/]", "_", k): float(v) for k, v in flatten(metrics).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 

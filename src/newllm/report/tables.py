@@ -1,0 +1,89 @@
+"""The comparison table, computed only from this workspace's metrics files (nothing typed in)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from newllm.errors import PipelineError
+
+# stage name (metrics/plots file) -> the model's name in the report
+MODEL_STAGES = {"phase2_train": "New-LLM", "transformer": "Transformer", "lstm": "LSTM", "cvp": "CVP"}
+COLUMNS = ["model", "params (trainable / total)", "train tokens", "val loss", "val PPL", "val accuracy",
+           "best epoch", "train wall time (s)", "train tokens/s"]
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[Any]]
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        head = "".join(f"<th>{c}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in self.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4f}" if abs(v) < 100 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def read_metrics(root: Path, stage: str) -> dict[str, Any]:
+    path = root / "reports" / "metrics" / f"{stage}.json"
+    if not path.is_file():
+        raise PipelineError(f"missing {path}: run `dvc repro` so every model's stage has written its metrics")
+    return json.loads(path.read_text())
+
+
+def read_curve(root: Path, stage: str) -> list[dict[str, float]]:
+    path = root / "reports" / "plots" / f"{stage}.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def model_stages(baselines: list[str]) -> list[str]:
+    return ["phase2_train", *baselines]
+
+
+def main_table(root: Path, baselines: list[str]) -> tuple[Table, dict[str, dict[str, Any]]]:
+    metrics = {s: read_metrics(root, s) for s in model_stages(baselines)}
+    rows = []
+    for stage, m in metrics.items():
+        rows.append([MODEL_STAGES[stage], f"{m['params_trainable']:,} / {m['params_total']:,}", m["train_tokens"],
+                     m["val_loss"], m["val_ppl"], m["val_accuracy"], m["best_epoch"], m["train_wall_time_s"],
+                     m["tokens_per_s"]])
+    return Table(COLUMNS, rows), metrics
+
+
+def ratios(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """New-LLM / baseline ratios of val loss and PPL (below 1: New-LLM is better)."""
+    out = {}
+    new = metrics["phase2_train"]
+    for stage in ("transformer", "lstm"):
+        if stage in metrics:
+            out[f"loss_ratio_vs_{stage}"] = new["val_loss"] / metrics[stage]["val_loss"]
+            out[f"ppl_ratio_vs_{stage}"] = new["val_ppl"] / metrics[stage]["val_ppl"]
+    return out
+
+
+def decision_band(ppl: float) -> str:
+    """The research's decision bands for New-LLM's perplexity (SPEC §5)."""
+    if ppl < 50:
+        return "below 50: worth continuing"
+    if ppl <= 100:
+        return "between 50 and 100: needs architecture work"
+    return "above 100: rethink the approach"

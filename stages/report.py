@@ -1,0 +1,22 @@
+"""DVC stage: the comparison report (reports/report.md, self-contained reports/report.html, figures)."""
+
+from pathlib import Path
+
+from newllm.pipeline import run_stage
+
+OUT = Path("reports")
+OUTS = [str(OUT / "report.md"), str(OUT / "report.html"),
+        *(str(OUT / "figures" / f) for f in ("val_loss_curves.png", "phase1.png", "memory_vs_length.png"))]
+
+
+def main(params, run) -> None:
+    from newllm.report.build import build_report
+
+    result = build_report(params, Path("."), OUT)
+    run.log_artifact(OUT / "report.html")
+    run.finish(result)
+    print(f"report: {OUT / 'report.html'} (New-LLM val PPL {result['newllm_val_ppl']:.2f}, {result['decision_band']})")
+
+
+if __name__ == "__main__":
+    run_stage("report", main, outs=OUTS)
