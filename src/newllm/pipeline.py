@@ -34,10 +34,23 @@ def load_params_or_exit(path: str = "params.yaml") -> Params:
         raise SystemExit(2) from None
 
 
+def make_deterministic() -> None:
+    """Same params and seed -> same metrics on CPU: without this, the parallel scatter-add of embedding
+    gradients sums in thread order and Phase 1's weights differ in their last bits from run to run."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.use_deterministic_algorithms(True, warn_only=True)  # a CUDA op without a deterministic kernel warns
+
+
 def run_stage(stage: str, body: Callable[[Params, Any], None], outs: list[str]) -> None:
     """Validate params, open the stage's MLflow run, run `body(params, run)`, clean up on failure."""
     params = load_params_or_exit()
-    from newllm import tracking  # MLflow is imported only once the params are known to be good
+    from newllm import tracking  # MLflow and torch are imported only once the params are known to be good
+
+    make_deterministic()
 
     try:
         with tracking.stage_run(stage, params) as run:

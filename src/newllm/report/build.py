@@ -74,7 +74,8 @@ def _samples(params: Params, models: dict[str, Any], tokenizer, eos_id: int) -> 
             for mode, kwargs in (("greedy", {"greedy": True}),
                                  (f"top-{cfg.top_k}", {"top_k": cfg.top_k, "temperature": cfg.temperature})):
                 ids = stream_tokens(model, prompt_ids, cfg.max_new_tokens, seed=params.seed, **kwargs)
-                text = "".join(decode_stream(tokenizer, ids, prompt_ids=prompt_ids)).replace("\n", " ⏎ ")
+                pieces = decode_stream(tokenizer, ids, prompt_ids=prompt_ids, eos_id=eos_id)
+                text = "".join(pieces).replace("\n", " ⏎ ")  # end of a line, shown inline
                 rows.append([prompt, name, mode, text.strip()])
     return rows
 
