@@ -122,6 +122,9 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         if f"ppl_ratio_vs_{stage}" in rel:
             lines.append(f"New-LLM / {MODEL_STAGES[stage]}: val loss ratio {rel[f'loss_ratio_vs_{stage}']:.3f}, "
                          f"val PPL ratio {rel[f'ppl_ratio_vs_{stage}']:.3f} (below 1: New-LLM is better).")
+    lines.append(f"New-LLM's train wall time counts Phase 1 ({p1['wall_time_s']:.2f} s), the context cache "
+                 f"({new.get('context_cache_s', 0.0):.2f} s) and Phase 2 ({new['train_wall_time_s']:.2f} s); its "
+                 "tokens/s is Phase 2's, on cached contexts.")
     band = decision_band(new["val_ppl"])
     lines.append(f"New-LLM's val perplexity is {new['val_ppl']:.2f}: **{band}** (the research's decision bands, "
                  "SPEC §5: < 50 continue, 50–100 needs architecture work, > 100 rethink). On a small template "
