@@ -15,11 +15,11 @@ OUT = Path("data/budget")
 def main(params, run) -> None:
     from newllm.config import BASELINES
     from newllm.data.token_cache import load_cache
-    from newllm.models import count_params
+    from newllm.models import Phase2Model, count_params
     from newllm.models.factory import build_newllm
 
     cache = load_cache()
-    trainable, total = count_params(build_newllm(params, cache.vocab_size, load_pretrained=False))
+    trainable, total = count_params(Phase2Model(build_newllm(params, cache.vocab_size, load_pretrained=False)))
     OUT.mkdir(parents=True, exist_ok=True)
     for name in BASELINES:
         matched = name == "transformer" and params.transformer.match_params

@@ -11,13 +11,18 @@ def main(params, run) -> None:
     import torch
 
     from newllm.data.token_cache import load_cache
+    from newllm.errors import PipelineError
     from newllm.models import count_params
-    from newllm.models.factory import build_newllm, newllm_hparams
+    from newllm.models.factory import build_newllm, context_hparams
     from newllm.report.figures import phase1_curves
     from newllm.training import checkpoint
     from newllm.training.phase1 import train_phase1
 
     cache = load_cache()
+    n_train = min(len(cache.train), params.phase1.max_tokens or len(cache.train))
+    if n_train // params.phase1.streams < 2:
+        raise PipelineError(f"params.yaml: phase1.streams ({params.phase1.streams}) is too large for the "
+                            f"{n_train:,} Phase 1 tokens (needs >= 2 tokens a stream)")
     torch.manual_seed(params.seed)
     model = build_newllm(params, cache.vocab_size)
     history: list[dict] = []
@@ -31,7 +36,7 @@ def main(params, run) -> None:
     result = train_phase1(model, train, params.phase1, seed=params.seed, val_ids=val,
                           on_iteration=on_iteration, device=params.device)
     frozen = {k: v for k, v in model.state_dict().items() if k.startswith(("embedding.", "context_block."))}
-    checkpoint.save(CKPT, frozen, newllm_hparams(params, cache.vocab_size))
+    checkpoint.save(CKPT, frozen, context_hparams(params, cache.vocab_size))
     run.log_figure(phase1_curves(history), "phase1_curves.png")
     final = {
         "iterations_run": result.iterations_run, "converged": int(result.converged),

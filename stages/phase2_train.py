@@ -13,16 +13,17 @@ def main(params, run) -> None:
 
     from newllm.data.token_cache import load_cache
     from newllm.models import Phase2Model
-    from newllm.models.factory import build_newllm, newllm_hparams
+    from newllm.models.factory import build_newllm, context_hparams, newllm_hparams
     from newllm.training import checkpoint
     from newllm.training.checkpoint import CheckpointError
-    from newllm.training.lm_stage import fit_lm
+    from newllm.training.lm_stage import check_sizes, fit_lm
     from newllm.training.phase1 import compute_contexts
     from newllm.training.trainer import resolve_device
 
     cache = load_cache()
+    check_sizes(cache, params.phase2, "phase2", params.eval_batch_size)
     hparams = newllm_hparams(params, cache.vocab_size)
-    frozen, _ = checkpoint.load(PHASE1_CKPT, expect=hparams)  # checked before any compute
+    frozen, _ = checkpoint.load(PHASE1_CKPT, expect=context_hparams(params, cache.vocab_size))  # before compute
     torch.manual_seed(params.seed)
     llm = build_newllm(params, cache.vocab_size, load_pretrained=False)  # the checkpoint holds the embedding
     missing, unexpected = llm.load_state_dict(frozen, strict=False)
@@ -34,15 +35,23 @@ def main(params, run) -> None:
     model = Phase2Model(llm)  # freezes embedding + ContextBlock
 
     # The ContextBlock is frozen, so every position's contexts are computed once (exact recurrence).
+    # Val/test contexts restart at each evaluation row, as the recurrent baselines' state does, so no
+    # model sees more past than another on the tokens they are all scored on.
     t0 = time.perf_counter()
     extras = {}
     for split in ("train", "val", "test"):
         ids = torch.from_numpy(getattr(cache, split).astype("int64"))
-        if ids.numel():
-            extras[split] = {"contexts": compute_contexts(llm, ids, streams=params.phase2.streams, device=device)}
+        if not ids.numel():
+            continue
+        if split == "train":
+            ctx = compute_contexts(llm, ids, streams=params.phase2.streams, device=device)
+        else:
+            rows = params.eval_batch_size
+            ctx = compute_contexts(llm, ids[: len(ids) // rows * rows], streams=rows, device=device)
+        extras[split] = {"contexts": ctx}
     cache_s = time.perf_counter() - t0
     final = fit_lm(run, "phase2_train", model, cache, params.phase2, seed=params.seed, device=params.device,
-                   ckpt_path=CKPT, ckpt_meta=hparams, save_module=llm, extras=extras)
+                   eval_batch_size=params.eval_batch_size, ckpt_path=CKPT, ckpt_meta=hparams, save_module=llm, extras=extras)
     final["context_cache_s"] = round(cache_s, 3)
     run.finish(final)
     print(f"phase2_train: best val loss {final['val_loss']:.4f} (PPL {final['val_ppl']:.2f}, acc "

@@ -16,10 +16,11 @@ def main(params, run) -> None:
     from newllm.data.token_cache import load_cache
     from newllm.errors import PipelineError
     from newllm.models.factory import build_baseline
-    from newllm.training.lm_stage import fit_lm
+    from newllm.training.lm_stage import check_sizes, fit_lm
 
     cache = load_cache()
     cfg = getattr(params, NAME)
+    check_sizes(cache, cfg, NAME, params.eval_batch_size)
     budget = json.loads(Path(f"data/budget/{NAME}.json").read_text())
     n_embd = None
     if budget["target_params"]:
@@ -32,8 +33,8 @@ def main(params, run) -> None:
     torch.manual_seed(params.seed)
     model = build_baseline(NAME, params, cache.vocab_size, n_embd=n_embd)
     meta = {"baseline": NAME, "vocab_size": cache.vocab_size, "n_embd": n_embd}
-    final = fit_lm(run, NAME, model, cache, cfg, seed=params.seed, device=params.device, ckpt_path=CKPT,
-                   ckpt_meta=meta)
+    final = fit_lm(run, NAME, model, cache, cfg, seed=params.seed, device=params.device,
+                   eval_batch_size=params.eval_batch_size, ckpt_path=CKPT, ckpt_meta=meta)
     if n_embd is not None:
         final.update(n_embd=n_embd, matched_to_params=budget["target_params"])
     run.finish(final)

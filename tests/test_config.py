@@ -7,7 +7,16 @@ import pytest
 import yaml
 from helpers import REPO, env
 
-from newllm.config import STAGE_PARAMS, ConfigError, Params, load_params, parse_params, stage_params, to_dict
+from newllm.config import (
+    STAGE_PARAMS,
+    ConfigError,
+    Params,
+    load_params,
+    params_hash,
+    parse_params,
+    stage_params,
+    to_dict,
+)
 
 
 def test_params_yaml_matches_the_dataclass_defaults():
@@ -49,10 +58,13 @@ def test_plan_a_decouples_layer_counts_and_floats_accept_yaml_strings():
     assert (p.context_layers, p.token_layers, p.phase1.lr) == (3, 1, 0.001)
 
 
-def test_stage_params_select_only_what_a_stage_reads():
+def test_stage_params_are_what_a_stage_reads_plus_what_its_inputs_were_made_with():
     flat = stage_params(Params(), "tokenize")
-    assert set(flat) == {k for k in flat if k.startswith("tokenizer.")} and "tokenizer.kind" in flat
-    assert "context_dim" not in stage_params(Params(), "lstm")
+    assert "tokenizer.kind" in flat and "dataset.source" in flat and "phase1.lr" not in flat
+    lstm = stage_params(Params(), "lstm")
+    assert "context_dim" not in lstm and "tokenizer.kind" in lstm and "lstm.lr" in lstm
+    assert "phase1.dist_reg_weight" in stage_params(Params(), "phase2_train")  # its ContextBlock's recipe
+    assert params_hash(Params(), "lstm") != params_hash(parse_params({"tokenizer": {"kind": "char"}}), "lstm")
 
 
 def test_dvc_yaml_declares_exactly_the_params_each_stage_reads():

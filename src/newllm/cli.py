@@ -58,7 +58,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from newllm.data.token_cache import load_cache
     from newllm.errors import PipelineError
-    from newllm.generation import decode_stream, stream_tokens
+    from newllm.generation import decode_stream, encode_prompt, stream_tokens
     from newllm.models.factory import load_model
 
     params = load_params_or_exit(args.params)
@@ -67,11 +67,10 @@ def _generate(args: argparse.Namespace) -> int:
     tok, eos = cache.tokenizer(), int(cache.meta["eos_id"])
     model = load_model(args.model, params, cache.vocab_size)
     prompt = rep.prompts[0] if args.prompt is None else args.prompt
-    enc = tok.encode(prompt, add_special_tokens=False).ids
+    ids = encode_prompt(tok, prompt, eos)
     unk = cache.meta.get("unk_id")
-    if unk is not None and unk in enc:
-        print(f"warning: {enc.count(unk)} prompt token(s) not in the vocabulary (read as <unk>)", file=sys.stderr)
-    ids = [eos, *enc]  # training streams put an end-of-line before every line: the prompt starts a line
+    if unk is not None and unk in ids:
+        print(f"warning: {ids.count(unk)} prompt token(s) not in the vocabulary (read as <unk>)", file=sys.stderr)
     top_k = rep.top_k if args.top_k is None else (args.top_k or None)  # --top-k 0: no top-k
     try:
         tokens = stream_tokens(model, ids, rep.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,

@@ -75,6 +75,13 @@ class Phase1Config:
     target: Literal["fixed", "previous"] = "previous"
     convergence_threshold: float = _f(0.1, lo=0.0, lo_open=True)
     min_converged: float = _f(0.95, lo=0.0, hi=1.0)
+    # Early stop (convergence >= min_converged) is allowed only from this iteration on. From iteration 1
+    # the Jacobi residual only measures one optimiser step, so an early stop before the weights have moved
+    # would leave the ContextBlock untrained; the default runs all `iterations`, as the research's K = 10.
+    min_iterations: int = _f(10, lo=1)
+    # Context fed to a stream's first position in the parallel pass: `zero` (what the recurrence gives it,
+    # so the fixed point is the exact sequential state sequence) or `wrap` (the research's P[N-1]).
+    first_context: Literal["zero", "wrap"] = "zero"
     noise: float = _f(0.0, lo=0.0)
     streams: int = _f(1, lo=1)
     max_tokens: int = _f(0, lo=0)  # 0 = the whole train stream
@@ -174,6 +181,8 @@ class Params:
     embedding: Literal["learned", "gpt2"] = "learned"
     embedding_path: str | None = None  # gpt2 embedding: local model folder; None = HF cache
     tie_head: bool = False
+    # Every model is evaluated with this many batchified rows, so all predict exactly the same val/test tokens.
+    eval_batch_size: int = _f(10, lo=1)
     baselines: list[Literal["transformer", "lstm", "cvp"]] = _f(["transformer", "lstm", "cvp"])
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -191,21 +200,36 @@ class Params:
 # same computation.
 MODEL_KEYS = ["context_dim", "embed_dim", "context_layers", "token_layers", "token_plan", "context_norm",
               "embedding", "embedding_path", "tie_head"]
+CONTEXT_KEYS = ["context_dim", "embed_dim", "context_layers", "context_norm", "embedding", "embedding_path"]
 STAGE_PARAMS: dict[str, list[str]] = {
     "generate_dataset": ["seed", "dataset"],
     "tokenize": ["tokenizer"],
-    "phase1_cvfp": ["seed", "device", "context_dim", "embed_dim", "context_layers", "context_norm",
-                    "embedding", "embedding_path", "phase1"],
-    "phase2_train": ["seed", "device", *MODEL_KEYS, "phase2"],
+    "phase1_cvfp": ["seed", "device", *CONTEXT_KEYS, "phase1"],
+    "phase2_train": ["seed", "device", *MODEL_KEYS, "eval_batch_size", "phase2"],
     "param_budget": [*MODEL_KEYS, "transformer.match_params"],
     # The Transformer's width follows New-LLM's size through data/budget/transformer.json; its hash and
     # logged params include the model keys because its result depends on them.
-    "transformer": ["seed", "device", "transformer", *MODEL_KEYS],
-    "lstm": ["seed", "device", "lstm"],
-    "cvp": ["seed", "device", "cvp"],
+    "transformer": ["seed", "device", "eval_batch_size", "transformer", *MODEL_KEYS],
+    "lstm": ["seed", "device", "eval_batch_size", "lstm"],
+    "cvp": ["seed", "device", "eval_batch_size", "cvp"],
     # The report rebuilds every trained model from its checkpoint, so it reads their params too.
     "report": ["seed", "report", "baselines", *MODEL_KEYS, "transformer", "lstm", "cvp", "dataset.source",
                "tokenizer.kind"],
+}
+
+
+# What a stage's result also depends on through its input files. DVC tracks those files; the run's
+# identity (params_hash, logged params) must include them too, or runs on different data would look alike.
+_DATA = ["seed", "dataset", "tokenizer"]
+UPSTREAM_PARAMS: dict[str, list[str]] = {
+    "tokenize": ["seed", "dataset"],
+    "phase1_cvfp": _DATA,
+    "phase2_train": [*_DATA, "phase1"],
+    "param_budget": ["tokenizer"],
+    "transformer": _DATA,
+    "lstm": _DATA,
+    "cvp": _DATA,
+    "report": [*_DATA, "phase1", "phase2", "eval_batch_size"],
 }
 
 
@@ -389,9 +413,10 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def stage_params(params: Params, stage: str) -> dict[str, Any]:
-    """The flat params a stage reads (its `params:` in dvc.yaml)."""
+    """The flat params a stage's result depends on: what it reads (its `params:` in dvc.yaml) and what
+    its input files were made with (UPSTREAM_PARAMS). MLflow logs these; params_hash covers them."""
     flat = flatten(to_dict(params))
-    keys = STAGE_PARAMS[stage]
+    keys = STAGE_PARAMS[stage] + UPSTREAM_PARAMS.get(stage, [])
     return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
 
 

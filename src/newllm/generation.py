@@ -101,3 +101,9 @@ def decode_stream(tokenizer, ids: Iterable[int], prompt_ids: Sequence[int] = (),
             yield after[len(before):]
             window = window[read:]  # keep only the last piece as the next window's context
             read = len(window)
+
+
+def encode_prompt(tokenizer, text: str, eos_id: int) -> list[int]:
+    """Prompt ids as training saw a line: training streams put an end-of-line before every line, so a
+    prompt starts with one (the report's samples and `newllm generate` share this)."""
+    return [eos_id, *tokenizer.encode(text, add_special_tokens=False).ids]

@@ -159,6 +159,20 @@ def test_tied_head_shares_the_embedding_and_counts_once():
     assert count_params(untied)[1] - count_params(tied)[1] == V * DE
 
 
+def test_phase1_weights_depend_only_on_the_context_path_params():
+    """Same seed -> same embedding + ContextBlock whatever the token block and head (Phase 1's stage does
+    not read token_layers / token_plan / tie_head, so they must not change its initial weights)."""
+    def phase1_state(model: NewLLM) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in model.state_dict().items() if k.startswith(("embedding.", "context_block."))}
+
+    ref = phase1_state(tiny("A", token_layers=2))
+    for other in (tiny("A", token_layers=3), tiny("E"), tiny(tie_head=True)):
+        got = phase1_state(other)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), k
+
+
 def test_phase2_model_freezes_the_context_path():
     model = tiny()
     p2 = Phase2Model(model)

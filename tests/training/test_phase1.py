@@ -195,8 +195,23 @@ def test_frozen_gpt2_style_embedding_stays_put():
 
 
 def test_early_stop_on_convergence_not_before_iteration_2():
-    _, res = run(replace(CFG, iterations=8, min_converged=0.5, convergence_threshold=1e3))
+    _, res = run(replace(CFG, iterations=8, min_iterations=1, min_converged=0.5, convergence_threshold=1e3))
     assert res.converged and res.iterations_run == 3  # iterations 0, 1, 2
+
+
+def test_early_stop_only_from_min_iterations():
+    """The default config (tau = 0.1, min_converged = 0.95) meets its convergence rate within a couple of
+    steps, long before the block has trained: min_iterations (= iterations by default) holds the stop off."""
+    _, res = run(Phase1Config())
+    assert not res.converged and res.iterations_run == Phase1Config().iterations
+    _, res = run(Phase1Config(min_iterations=2, min_converged=0.5))
+    assert res.converged and res.iterations_run == 3  # stopped at iteration 2
+
+
+def test_first_context_comes_from_the_config():
+    _, res = run(replace(CFG, first_context="wrap"))
+    for k in range(1, res.iterations_run):
+        assert torch.equal(res.trace[k]["input"][:, 0], res.trace[k - 1]["output"][:, -1])
 
 
 def test_streams_and_max_tokens():

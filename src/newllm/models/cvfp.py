@@ -213,16 +213,23 @@ class NewLLM(nn.Module):
                              f"vocab_size {vocab_size} x embed_dim {embed_dim}")
         self.vocab_size, self.context_dim, self.embed_dim = vocab_size, context_dim, embed_dim
         self.embedding = embedding
+        # Phase 1's weights (embedding + ContextBlock) are built and initialised before anything else draws
+        # from the RNG, so for a given seed they depend only on (vocab_size, context_dim, embed_dim,
+        # context_layers, context_norm) -- the params Phase 1's stage reads -- not on the token block or head.
         self.context_block = ContextBlock(context_dim, embed_dim, context_layers, context_norm)
+        self._init_block(self.context_block, init_std, bias_std)
         self.token_block = TokenBlock(context_dim, embed_dim, token_layers, token_plan)
+        self._init_block(self.token_block, init_std, bias_std)
         self.head = nn.Linear(embed_dim, vocab_size)
-        for block in (self.context_block, self.token_block):
-            for m in block.modules():
-                if isinstance(m, nn.Linear):
-                    _init_linear(m, init_std, bias_std)
         _init_linear(self.head, head_std, 0.0)
         if tie_head:  # the head shares (and is frozen with) the embedding matrix; its bias stays its own
             self.head.weight = self.embedding.wte.weight
+
+    @staticmethod
+    def _init_block(block: nn.Module, std: float, bias_std: float) -> None:
+        for m in block.modules():
+            if isinstance(m, nn.Linear):
+                _init_linear(m, std, bias_std)
 
     @property
     def num_context_layers(self) -> int:

@@ -16,6 +16,12 @@ def newllm_hparams(params: Params, vocab_size: int) -> dict:
     return {"vocab_size": vocab_size, **{k: getattr(params, k) for k in keys}}
 
 
+def context_hparams(params: Params, vocab_size: int) -> dict:
+    """What Phase 1's checkpoint (embedding + ContextBlock) depends on: exactly what its stage reads."""
+    keys = ("context_dim", "embed_dim", "context_layers", "context_norm", "embedding")
+    return {"vocab_size": vocab_size, **{k: getattr(params, k) for k in keys}}
+
+
 def build_newllm(params: Params, vocab_size: int, load_pretrained: bool = True) -> NewLLM:
     """`load_pretrained=False` skips reading GPT-2's matrix (shapes only, e.g. to count params or to
     load a checkpoint that already holds it)."""

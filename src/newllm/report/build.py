@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from newllm.config import Params, flatten, to_dict
+from newllm.errors import PipelineError
 from newllm.report.document import Document
 from newllm.report.figures import _plt, phase1_curves
 from newllm.report.tables import (
@@ -62,14 +63,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def _samples(params: Params, models: dict[str, Any], tokenizer, eos_id: int) -> list[list[str]]:
-    from newllm.generation import decode_stream, stream_tokens
+    from newllm.generation import decode_stream, encode_prompt, stream_tokens
 
     cfg = params.report
     rows = []
     for prompt in cfg.prompts:
-        prompt_ids = tokenizer.encode(prompt).ids
-        if not prompt_ids:
-            continue
+        prompt_ids = encode_prompt(tokenizer, prompt, eos_id)
         for name, model in models.items():
             for mode, kwargs in (("greedy", {"greedy": True}),
                                  (f"top-{cfg.top_k}", {"top_k": cfg.top_k, "temperature": cfg.temperature})):
@@ -92,6 +91,10 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     cache = load_cache(root / "data" / "tokens")
     stages = model_stages(params.baselines)
     table, metrics = main_table(root, params.baselines)
+    scored = {MODEL_STAGES[s]: m.get("val_tokens") for s, m in metrics.items()}
+    if len(set(scored.values())) != 1:
+        raise PipelineError(f"models were scored on different numbers of val tokens {scored}: rerun "
+                            "`dvc repro` so every model goes through the same evaluation")
     rel = ratios(metrics)
     new = metrics["phase2_train"]
     p1 = read_metrics(root, "phase1_cvfp")
@@ -113,6 +116,12 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         "Every model is evaluated by the same function on the same val tokens; losses are cross-entropy in "
         "nats per token, PPL = exp(loss), accuracy = top-1 next-token accuracy. Parameter counts include "
         "frozen parts (New-LLM's ContextBlock and embedding) and count tied matrices once.",
+        f"New-LLM's input embedding is `{params.embedding}`: "
+        + ("trained in Phase 1 by the fixed-point objective together with the ContextBlock, then frozen, so it "
+           "never receives a next-token gradient (the baselines train theirs end to end)."
+           if params.embedding == "learned" else "GPT-2's pretrained matrix, frozen throughout.")
+        + f" Val/test contexts restart every {len(cache.val) // params.eval_batch_size:,} tokens, at the same "
+        "row starts where the recurrent baselines' state restarts.",
     ])
 
     doc.heading("Main table")

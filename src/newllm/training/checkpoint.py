@@ -20,8 +20,11 @@ def save(path: str | os.PathLike, state_dict: dict[str, Any], meta: dict[str, An
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "meta": meta}, tmp)
-    tmp.replace(path)
+    try:
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "meta": meta}, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(path: str | os.PathLike, expect: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:

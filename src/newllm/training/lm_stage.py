@@ -11,14 +11,29 @@ from torch import nn
 
 from newllm.config import TrainConfig
 from newllm.data.token_cache import TokenCache
+from newllm.errors import PipelineError
 from newllm.models import count_params
 from newllm.report.figures import lm_curves
 from newllm.training import checkpoint
 from newllm.training.trainer import evaluate, train_lm
 
 
+def check_sizes(cache: TokenCache, cfg: TrainConfig, section: str, eval_batch_size: int) -> None:
+    """Data-size limits of the params, checked before any compute (batchify needs >= 2 tokens a row)."""
+    train = min(len(cache.train), cfg.max_tokens or len(cache.train))
+    if train // cfg.batch_size < 2:
+        raise PipelineError(f"params.yaml: {section}.batch_size ({cfg.batch_size}) is too large for the "
+                            f"{train:,} train tokens (needs >= 2 tokens a row)")
+    for split in ("val", "test"):
+        n = len(getattr(cache, split))
+        if (split == "val" or n) and n // eval_batch_size < 2:
+            raise PipelineError(f"params.yaml: eval_batch_size ({eval_batch_size}) is too large for the "
+                                f"{n:,} {split} tokens (needs >= 2 tokens a row)")
+
+
 def fit_lm(run: Any, name: str, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, seed: int,
-           device: str, ckpt_path: Path, ckpt_meta: dict[str, Any], save_module: nn.Module | None = None,
+           device: str, eval_batch_size: int, ckpt_path: Path, ckpt_meta: dict[str, Any],
+           save_module: nn.Module | None = None,
            extras: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Train `model` with the one generic trainer; `save_module` (default: model) is what is checkpointed."""
     extras = extras or {}
@@ -30,22 +45,25 @@ def fit_lm(run: Any, name: str, model: nn.Module, cache: TokenCache, cfg: TrainC
 
     ids = {s: torch.from_numpy(getattr(cache, s).astype("int64")) for s in ("train", "val", "test")}
     result = train_lm(model, ids["train"], ids["val"], cfg, extras_train=extras.get("train"),
-                      extras_val=extras.get("val"), device=device, seed=seed, on_epoch=on_epoch)
+                      extras_val=extras.get("val"), device=device, seed=seed, on_epoch=on_epoch,
+                      eval_batch_size=eval_batch_size)
+    # The best weights, through the one evaluation, on the val tokens every model predicts.
+    val = evaluate(model, ids["val"], cfg.seq_len, eval_batch_size, extras=extras.get("val"))
     module = save_module if save_module is not None else model
     checkpoint.save(ckpt_path, module.state_dict(), ckpt_meta)
     trainable, total = count_params(model)
     final: dict[str, Any] = {
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-        "val_loss": round(result.best_val_loss, 6), "val_ppl": round(result.best_val_ppl, 4),
-        "val_accuracy": round(result.best_val_accuracy, 6), "train_tokens": result.train_tokens,
+        "val_loss": round(val["loss"], 6), "val_ppl": round(val["ppl"], 4),
+        "val_accuracy": round(val["accuracy"], 6), "val_tokens": val["tokens"], "train_tokens": result.train_tokens,
         "tokens_per_s": round(result.tokens_per_s, 1), "train_wall_time_s": round(result.wall_time_s, 3),
         "params_trainable": trainable, "params_total": total,
         "device": result.device,
     }
-    if ids["test"].numel() > 2 * cfg.batch_size:
-        test = evaluate(model, ids["test"], cfg.seq_len, cfg.batch_size, extras=extras.get("test"))
+    if ids["test"].numel():
+        test = evaluate(model, ids["test"], cfg.seq_len, eval_batch_size, extras=extras.get("test"))
         final.update(test_loss=round(test["loss"], 6), test_ppl=round(test["ppl"], 4),
-                     test_accuracy=round(test["accuracy"], 6))
+                     test_accuracy=round(test["accuracy"], 6), test_tokens=test["tokens"])
     if history:
         run.log_figure(lm_curves(history, name), f"{name}_curves.png")
     return final

@@ -12,8 +12,8 @@ pass:
 This is a Jacobi iteration of the recurrence: with the weights held still, position t is exact after t+1
 iterations, and the fixed point (P = CB(shift(P), X)) *is* the sequential state sequence. For that to hold
 a stream's first position must get what the recurrence gives it, the zero context
-(`first_context="zero"`, the default). The research instead gave token 0 the previous iteration's last
-context, P[N-1] (a cyclic stream, whose fixed point is not the sequential one); `first_context="wrap"`
+(cfg.first_context "zero", the default). The research instead gave token 0 the previous iteration's last
+context, P[N-1] (a cyclic stream, whose fixed point is not the sequential one); cfg.first_context "wrap"
 reproduces it. Either way the context is carried across iterations, never reset (the research's bug 2).
 
 The losses apply to the block's output (the last layer's), as in the research: it is the only output that
@@ -29,8 +29,10 @@ the embedding module's trainable parameters get an optimiser (the learned embedd
 input; a GPT-2 matrix is frozen and only its embed_norm trains).
 
 Early stop when the convergence rate (share of positions with mean_d (C^(k) - P^(k-1))^2 < tau) reaches
-cfg.min_converged, checked from iteration 2 on: iteration 1 runs the very weights of iteration 0's exact
-pass, so it reproduces it (100 % by construction, see the loop).
+cfg.min_converged, checked only from iteration cfg.min_iterations on (and never before iteration 2): the
+rate compares iterates one optimiser step apart, so early on it is met before the block has trained --
+iteration 1 even runs the very weights of iteration 0's exact pass, so it reproduces it (100 % by
+construction). The defaults (min_iterations = iterations = 10) run every iteration.
 
 cfg.mode "sequential" is the research's slow reference, for comparison: every iteration runs the
 recurrence token by token with grad, each token's input context being the previous token's output of the
@@ -178,8 +180,7 @@ def _losses(C: Tensor, target: Tensor, w: float) -> tuple[Tensor, Tensor, Tensor
 def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: int = 0,
                  val_ids: Tensor | None = None,
                  on_iteration: Callable[[int, dict[str, float]], None] | None = None,
-                 device: str | torch.device = "auto", first_context: FirstContext = "zero",
-                 trace: bool = False, check_sequential: bool = True) -> Phase1Result:
+                 device: str | torch.device = "auto", trace: bool = False, check_sequential: bool = True) -> Phase1Result:
     """Train model.context_block (+ the embedding's trainable parameters) in place, on `device` (the
     model is moved there); see the module doc.
 
@@ -196,7 +197,7 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     ids = train_ids[: cfg.max_tokens] if cfg.max_tokens else train_ids
     streams = split_streams(ids.long(), cfg.streams).to(device)
     S, N = streams.shape
-    Dc, w = model.context_dim, cfg.dist_reg_weight
+    Dc, w, first_context = model.context_dim, cfg.dist_reg_weight, cfg.first_context
     noise_gen = torch.Generator(device=device).manual_seed(seed)
     er_gen = torch.Generator().manual_seed(seed)
     params = [p for m in (model.embedding, model.context_block) for p in m.parameters() if p.requires_grad]
@@ -257,10 +258,10 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
         history.append(metrics)
         if on_iteration:
             on_iteration(k, metrics)
-        # Iteration 1 runs the weights that iteration 0's exact pass ran, so (zero first context, no noise)
-        # it reproduces that pass exactly: 100 % "converged" by construction, not by training. Only once a
-        # step has moved the weights does the rate measure anything, hence no early stop before iteration 2.
-        if k >= 2 and conv >= cfg.min_converged:
+        # The rate compares iterates one optimiser step apart, so it is met long before the block has
+        # trained (iteration 1 even reruns iteration 0's weights: 100 % by construction): early stop only
+        # from cfg.min_iterations on, and never before iteration 2 (min_iterations may be 1).
+        if k >= max(cfg.min_iterations, 2) and conv >= cfg.min_converged:
             converged = True
             break
 
