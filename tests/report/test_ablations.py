@@ -59,12 +59,14 @@ def test_groups_seeds_into_mean_and_std_per_ablation(runs):
     assert "r0" not in g.loc[0, "run_ids"]  # the older re-run lost to the newest
 
 
-def test_differing_params_excludes_seed_and_counts_unset_as_a_value(runs):
+def test_differing_params_excludes_seed_and_params_some_runs_never_logged(runs):
     p2 = runs[(runs["stage"] == "phase2_train") & (runs["status"] == "FINISHED")]
     assert differing_params(p2) == ["context_dim"]
     assert differing_params(p2, ignore=()) == ["context_dim", "seed"]
     extra = p2.assign(**{"params.phase2.lr": ["0.002"] * (len(p2) - 1) + [None]})
-    assert differing_params(extra) == ["context_dim", "phase2.lr"]
+    assert differing_params(extra) == ["context_dim"]  # an older run that did not log phase2.lr
+    changed = p2.assign(**{"params.phase2.lr": ["0.002"] * (len(p2) - 1) + ["0.01"]})
+    assert differing_params(changed) == ["context_dim", "phase2.lr"]
 
 
 def test_single_run_has_no_std_and_sorts_numerically():

@@ -85,12 +85,14 @@ def _value(v: Any) -> str:
 
 
 def differing_params(runs: pd.DataFrame, ignore: Iterable[str] = REPLICATE_PARAMS) -> list[str]:
-    """The params (without the `params.` prefix) that take more than one value across `runs`; a param
-    logged by some runs only counts as differing (unset vs set)."""
+    """The params (without the `params.` prefix) that take more than one value across `runs`. Only params
+    logged by every run count: every param the pipeline knows is logged (null ones as "None"), so a param
+    missing from some runs means they come from a version that logged less, not from an ablation."""
     skip = {f"params.{k}" for k in ignore}
     out = []
     for col in runs.columns:
-        if col.startswith("params.") and col not in skip and runs[col].map(_value).nunique() > 1:
+        if (col.startswith("params.") and col not in skip and runs[col].notna().all()
+                and runs[col].map(_value).nunique() > 1):
             out.append(col.removeprefix("params."))
     return sorted(out)
 
@@ -158,7 +160,7 @@ def _pm(mean: float, std: float, digits: int) -> str:
 
 
 def markdown_table(groups: pd.DataFrame) -> str:
-    lines = ["| model | ablation params | n seeds | val PPL mean ± std | val loss mean ± std | params_total |",
+    lines = ["| model | ablation params | runs (seeds) | val PPL mean ± std | val loss mean ± std | params_total |",
              "|---|---|---|---|---|---|"]
     for g in groups.itertuples(index=False):
         seeds = f" (seed {', '.join(g.seeds)})" if g.seeds else ""
