@@ -6,6 +6,26 @@ from pathlib import Path
 from newllm.pipeline import run_stage
 
 PHASE1_CKPT, CKPT = Path("data/checkpoints/phase1_cvfp.pt"), Path("data/checkpoints/phase2_train.pt")
+TMP = Path("data/tmp/phase2_contexts")  # disk-backed context caches, removed when the stage ends
+
+
+def context_storage(shape: tuple[int, ...], split: str):
+    """None (a plain in-memory tensor) when the cache fits in half the free RAM; otherwise a disk-backed
+    memmap under data/tmp/, filled chunk by chunk by compute_contexts (same numbers either way)."""
+    import os
+
+    import numpy as np
+    import torch
+
+    need = 4 * int(np.prod(shape))
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need < free // 2:
+        return None
+    TMP.mkdir(parents=True, exist_ok=True)
+    print(f"phase2_train: {split} contexts need {need / 2**30:.1f} GiB, more than half the free RAM: "
+          f"kept on disk in {TMP}")
+    return torch.from_numpy(np.lib.format.open_memmap(TMP / f"{split}_contexts.npy", mode="w+",
+                                                      dtype=np.float32, shape=shape))
 
 
 def main(params, run) -> None:
@@ -17,7 +37,7 @@ def main(params, run) -> None:
     from newllm.training import checkpoint
     from newllm.training.checkpoint import CheckpointError
     from newllm.training.lm_stage import check_sizes, fit_lm
-    from newllm.training.phase1 import compute_contexts
+    from newllm.training.phase1 import compute_contexts, context_cache_shape
     from newllm.training.trainer import resolve_device
 
     cache = load_cache()
@@ -43,12 +63,11 @@ def main(params, run) -> None:
         ids = torch.from_numpy(getattr(cache, split).astype("int64"))
         if not ids.numel():
             continue
-        if split == "train":
-            ctx = compute_contexts(llm, ids, streams=params.phase2.streams, device=device)
-        else:
-            rows = params.eval_batch_size
-            ctx = compute_contexts(llm, ids[: len(ids) // rows * rows], streams=rows, device=device)
-        extras[split] = {"contexts": ctx}
+        streams = params.phase2.streams if split == "train" else params.eval_batch_size
+        if split != "train":
+            ids = ids[: len(ids) // streams * streams]
+        storage = context_storage(context_cache_shape(llm, len(ids), streams), split)
+        extras[split] = {"contexts": compute_contexts(llm, ids, streams=streams, device=device, out=storage)}
     cache_s = time.perf_counter() - t0
     final = fit_lm(run, "phase2_train", model, cache, params.phase2, seed=params.seed, device=params.device,
                    eval_batch_size=params.eval_batch_size, ckpt_path=CKPT, ckpt_meta=hparams, save_module=llm, extras=extras)
@@ -60,4 +79,9 @@ def main(params, run) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("phase2_train", main, outs=[str(CKPT)])
+    import shutil
+
+    try:
+        run_stage("phase2_train", main, outs=[str(CKPT)])
+    finally:
+        shutil.rmtree(TMP, ignore_errors=True)

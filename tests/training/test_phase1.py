@@ -303,3 +303,20 @@ def test_phase2_trains_with_the_generic_trainer():
     assert res.best_val_loss < math.log(V) + 0.5
     for k, v in model.context_block.state_dict().items():
         assert torch.equal(v, frozen[k]), k
+
+
+def test_compute_contexts_into_disk_backed_storage_gives_the_same_numbers(tmp_path):
+    """Phase 2's cache when it does not fit in RAM: a memmap filled chunk by chunk, same numbers."""
+    import numpy as np
+
+    from newllm.training.phase1 import context_cache_shape
+
+    torch.manual_seed(0)
+    model = NewLLM(50, 8, 8, 2, 2).eval()
+    ids = torch.randint(0, 50, (301,))
+    in_memory = compute_contexts(model, ids, streams=3, chunk=7)
+    shape = context_cache_shape(model, len(ids), streams=3)
+    disk = torch.from_numpy(np.lib.format.open_memmap(tmp_path / "c.npy", mode="w+", dtype=np.float32, shape=shape))
+    on_disk = compute_contexts(model, ids, streams=3, chunk=7, out=disk)
+    assert torch.equal(in_memory, on_disk)
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "c.npy"))[: len(ids)], in_memory)

@@ -134,9 +134,16 @@ def parallel_contexts(model: NewLLM, stream_ids: Tensor, prev: Tensor, first: Fi
     return torch.stack(outs, dim=1).reshape(S, N, len(outs), -1)
 
 
+def context_cache_shape(model: NewLLM, n_tokens: int, streams: int = 1) -> tuple[int, int, int]:
+    """The (rows, L, Dc) storage compute_contexts fills for n_tokens (S streams padded to equal length)."""
+    S = max(1, min(streams, n_tokens))
+    return S * math.ceil(n_tokens / S), model.num_context_layers, model.context_dim
+
+
 @torch.no_grad()
 def compute_contexts(model: NewLLM, ids: Tensor, streams: int = 1, chunk: int = 2048,
-                     dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> Tensor:
+                     dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+                     out: Tensor | None = None) -> Tensor:
     """Phase 2's cache: (N,) token ids -> (N, L, Dc) per-position, per-layer contexts, on the CPU.
 
     One no-grad pass of the exact recurrence with the (frozen) ContextBlock: the context is carried from
@@ -144,7 +151,9 @@ def compute_contexts(model: NewLLM, ids: Tensor, streams: int = 1, chunk: int = 
     chunks (ceil(N / S) tokens; the last padded at its end, the padding's outputs discarded) run as one
     batch, each starting from zero; S = 1 is the single-stream recurrence. `chunk` bounds the positions
     embedded at a time (memory), the context being carried across chunks; `dtype` is the stored dtype
-    (bf16 halves the cache; Phase2Model casts it back). Computed in fp32 on every device (no autocast):
+    (bf16 halves the cache; Phase2Model casts it back). `out` (shape `context_cache_shape`) is storage
+    to fill instead of a new in-memory tensor, e.g. a disk-backed memmap when the cache does not fit in
+    RAM: it is filled chunk by chunk, with the same numbers. Computed in fp32 on every device (no autocast):
     under bf16 the rounding compounds along the recurrence (cos down to 0.91 against fp32 at D = 256 on
     an H100), and this loop is launch-bound on a GPU anyway.
     """
@@ -156,7 +165,12 @@ def compute_contexts(model: NewLLM, ids: Tensor, streams: int = 1, chunk: int = 
     S = max(1, min(streams, n_tok))
     n = math.ceil(n_tok / S)
     grid = torch.cat([ids, ids.new_zeros(S * n - n_tok)]).reshape(S, n)
-    out = torch.empty(S, n, model.num_context_layers, model.context_dim, dtype=dtype)
+    shape = (S, n, model.num_context_layers, model.context_dim)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif out.shape != (S * n, *shape[2:]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, want {(S * n, *shape[2:])} (context_cache_shape)")
+    out = out.view(shape)
     c = None
     for s in range(0, n, chunk):
         ctx, c = model.sequential_contexts(grid[:, s:s + chunk].to(device), initial=c)
