@@ -11,7 +11,7 @@ def main(params, run) -> None:
     from newllm.data.corpora import load_splits
     from newllm.data.stats import split_stats, write_splits
 
-    splits = load_splits(params.dataset, params.seed)
+    splits = load_splits(params.dataset, params.dataset.seed)
     write_splits(OUT, splits)
     stats = split_stats(splits)
     plt = figure()

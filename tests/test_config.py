@@ -64,6 +64,8 @@ def test_stage_params_are_what_a_stage_reads_plus_what_its_inputs_were_made_with
     lstm = stage_params(Params(), "lstm")
     assert "context_dim" not in lstm and "tokenizer.kind" in lstm and "lstm.lr" in lstm
     assert "phase1.dist_reg_weight" in stage_params(Params(), "phase2_train")  # its ContextBlock's recipe
+    # a seed replicate (`-S seed=1`) reruns the models on the same data, never a new dataset
+    assert "seed" not in stage_params(Params(), "generate_dataset") and "seed" not in stage_params(Params(), "tokenize")
     assert params_hash(Params(), "lstm") != params_hash(parse_params({"tokenizer": {"kind": "char"}}), "lstm")
 
 
