@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from newllm.config import LSTMConfig
+from newllm.models import count_params
 from newllm.models.lstm import LSTMLM
-from newllm.models.transformer import n_params
 from newllm.training.trainer import evaluate, resolve_device, train_lm
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
@@ -66,7 +66,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = LSTMLM.from_config(cfg, len(vocab))
     n_train = min(len(data["train"]), args.max_tokens or len(data["train"]))
-    print(f"LSTM 2x200, {n_params(model):,} params; device {device}; {args.epochs} epoch(s) on "
+    print(f"LSTM 2x200, {count_params(model)[1]:,} params; device {device}; {args.epochs} epoch(s) on "
           f"{n_train:,} train tokens; SGD lr {cfg.lr}, clip {cfg.grad_clip}, bptt {cfg.seq_len}, "
           f"batch {cfg.batch_size}")
 

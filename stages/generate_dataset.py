@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from newllm.pipeline import figure, run_stage
+from newllm.pipeline import run_stage
 
 OUT = Path("data/dataset")
 
@@ -10,11 +10,12 @@ OUT = Path("data/dataset")
 def main(params, run) -> None:
     from newllm.data.corpora import load_splits
     from newllm.data.stats import split_stats, write_splits
+    from newllm.report.figures import pyplot
 
     splits = load_splits(params.dataset, params.dataset.seed)
     write_splits(OUT, splits)
     stats = split_stats(splits)
-    plt = figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name in ("train", "val", "test"):
         lengths = [len(line.split()) for line in getattr(splits, name)]

@@ -63,12 +63,3 @@ def run_stage(stage: str, body: Callable[[Params, Any], None], outs: list[str]) 
         _remove(outs)
         raise
 
-
-def figure():
-    """A matplotlib figure on the headless Agg backend (stages run without a display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -102,7 +102,7 @@ def init_store(params: Params | None = None) -> tuple[Any, str]:
 
 
 # ----------------------------------------------------------------------------------------------- tags
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=project_root())
@@ -116,7 +116,7 @@ def dvc_exp_name() -> str:
 
 
 def run_tags(params: Params, stage: str) -> dict[str, str]:
-    commit = _git_commit()
+    commit = git_commit()
     return {
         "dvc.stage": stage,
         "dvc.exp_name": dvc_exp_name(),

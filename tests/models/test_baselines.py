@@ -5,11 +5,16 @@ import torch
 import torch.nn.functional as F
 
 from newllm.config import CVPConfig, LSTMConfig, TransformerConfig
+from newllm.models import count_params
 from newllm.models.cvp import CVPLM
 from newllm.models.lstm import LSTMLM
-from newllm.models.transformer import TransformerLM, gpt2_param_count, match_width, n_params
+from newllm.models.transformer import TransformerLM, gpt2_param_count, match_width
 
 V, T = 50, 12
+
+
+def n_params(model) -> int:
+    return count_params(model)[1]
 
 
 def tiny(kind: str, **kw) -> torch.nn.Module:

@@ -60,10 +60,6 @@ def match_width(target_params: int, vocab_size: int, n_layer: int, n_head: int, 
     return best_d
 
 
-def n_params(model: nn.Module) -> int:
-    """All unique parameters (tied matrices once); the same total as `newllm.models.count_params(m)[1]`."""
-    return sum(p.numel() for p in model.parameters())
-
 
 class TransformerLM(nn.Module):
     def __init__(self, vocab_size: int, n_layer: int, n_head: int, n_embd: int, seq_len: int,

@@ -190,11 +190,9 @@ def write_markdown(groups: pd.DataFrame, path: Path, figure: Path | None = None,
 
 def plot_ablations(groups: pd.DataFrame, path: Path) -> Path:
     """Val PPL mean ± std (error bars) per ablation value, one panel per model."""
-    import matplotlib
+    from newllm.report.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = list(dict.fromkeys(groups["model"]))
     fig, axes = plt.subplots(1, len(models), figsize=(max(4.5 * len(models), 5), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from newllm.config import Params, flatten, to_dict
 from newllm.errors import PipelineError
 from newllm.report.document import Document
-from newllm.report.figures import _plt, phase1_curves
+from newllm.report.figures import phase1_curves, pyplot
 from newllm.report.tables import (
     MODEL_STAGES,
     Table,
@@ -23,13 +22,10 @@ from newllm.report.tables import (
     read_curve,
     read_metrics,
 )
+from newllm.tracking import git_commit
 
 FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png")
 
-
-def _git_commit(root: Path) -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 def params_digest(params: Params) -> str:
@@ -38,7 +34,7 @@ def params_digest(params: Params) -> str:
 
 def loss_curves_figure(root: Path, stages: list[str]):
     """Val loss per epoch of every model on one figure (train dashed, same colour)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, stage in enumerate(stages):
         curve = read_curve(root, stage)
@@ -58,7 +54,7 @@ def loss_curves_figure(root: Path, stages: list[str]):
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -112,7 +108,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         f"Dataset: `{params.dataset.source}` ({data['train_lines']:,} train / {data['val_lines']:,} val / "
         f"{data['test_lines']:,} test lines); tokenizer `{params.tokenizer.kind}`, vocabulary {cache.vocab_size:,}; "
         f"{len(cache.train):,} train and {len(cache.val):,} val tokens, the same for every model.",
-        f"Seed {params.seed}; git commit `{_git_commit(root)}`; params hash `{params_digest(params)}`.",
+        f"Seed {params.seed}; git commit `{git_commit()[:7] or 'unknown'}`; params hash `{params_digest(params)}`.",
         "Every model is evaluated by the same function on the same val tokens; losses are cross-entropy in "
         "nats per token, PPL = exp(loss), accuracy = top-1 next-token accuracy. Parameter counts include "
         "frozen parts (New-LLM's ContextBlock and embedding) and count tied matrices once.",

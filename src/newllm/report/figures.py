@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (stages and reports run without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,7 +17,7 @@ def _plt():
 
 def lm_curves(history: list[dict[str, Any]], title: str):
     """Train (dashed) and val loss per epoch, and val perplexity, side by side."""
-    plt = _plt()
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "--", label="train")
@@ -31,7 +32,7 @@ def lm_curves(history: list[dict[str, Any]], title: str):
 
 def phase1_curves(history: list[dict[str, Any]], title: str = "Phase 1 (CVFP)"):
     """Effective Rank % and convergence % per iteration, and the loss terms."""
-    plt = _plt()
+    plt = pyplot()
     its = [h["iteration"] for h in history]
     learned = [h for h in history if "total_loss" in h]  # iteration 0 is the sequential pass: no loss
     fig, (ax_er, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))

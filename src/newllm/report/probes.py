@@ -267,9 +267,9 @@ def _runners(name: str, model: nn.Module, extended: TransformerLM | None, chunk:
 def memory_figure(rows: list[dict]):
     """Two panels, log-log: peak tensor memory vs length and ms/token vs length, one line per model and
     method; cost-only points (a Transformer beyond its trained positions) are hollow on a dashed line."""
-    from newllm.report.figures import _plt
+    from newllm.report.figures import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, (ax_mem, ax_ms) = plt.subplots(1, 2, figsize=(10, 4))
     series: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
