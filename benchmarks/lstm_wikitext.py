@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from newllm.config import LSTMConfig
-from newllm.models import count_params
+from newllm.models.factory import count_params
 from newllm.models.lstm import LSTMLM
+from newllm.registry import LSTMConfig
 from newllm.training.trainer import evaluate, resolve_device, train_lm
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"

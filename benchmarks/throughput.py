@@ -23,30 +23,37 @@ MODELS = ("phase2", "transformer", "lstm", "cvp")
 
 
 def build(name: str, a: argparse.Namespace):
+    from dataclasses import replace
+
     import torch
 
-    from newllm.config import CVPConfig, LSTMConfig, TransformerConfig
-    from newllm.models import NewLLM, Phase2Model, count_params
+    from newllm.config import load_params
+    from newllm.models.cvfp import NewLLM, Phase2Model
     from newllm.models.cvp import CVPLM
+    from newllm.models.factory import count_params
     from newllm.models.lstm import LSTMLM
     from newllm.models.transformer import TransformerLM, match_width
 
+    base = load_params()  # the project's params.yaml: every knob not set here keeps its default
     torch.manual_seed(0)
     llm = NewLLM(a.vocab, a.context_dim, a.embed_dim, a.layers, a.layers)
     target = count_params(llm)[1]
     if name == "phase2":
         return Phase2Model(llm), llm
     if name == "transformer":
-        cfg = TransformerConfig(n_layer=a.layers, n_head=4, seq_len=a.seq_len)
-        return TransformerLM.from_config(cfg, a.vocab, n_embd=match_width(target, a.vocab, a.layers, 4, a.seq_len)), None
+        cfg = replace(base.transformer, n_layer=a.layers, n_head=4, seq_len=a.seq_len,
+                      n_embd=match_width(target, a.vocab, a.layers, 4, a.seq_len))
+        return TransformerLM.from_config(cfg, a.vocab), None
 
     def closest(make):  # the hidden width (multiple of 8) whose model is closest to New-LLM's size
         return min(range(8, 2049, 8), key=lambda h: abs(count_params(make(h))[1] - target))
 
-    if name == "lstm":
-        make = lambda h: LSTMLM.from_config(LSTMConfig(embed_dim=h, hidden_dim=h, num_layers=a.layers), a.vocab)  # noqa: E731
-    else:
-        make = lambda h: CVPLM.from_config(CVPConfig(embed_dim=h, context_dim=h, hidden_dim=h, num_layers=a.layers), a.vocab)  # noqa: E731
+    def make(h: int):
+        if name == "lstm":
+            return LSTMLM.from_config(replace(base.lstm, embed_dim=h, hidden_dim=h, num_layers=a.layers), a.vocab)
+        return CVPLM.from_config(replace(base.cvp, embed_dim=h, context_dim=h, hidden_dim=h, num_layers=a.layers),
+                                 a.vocab)
+
     return make(closest(make)), None
 
 
@@ -54,7 +61,7 @@ def measure(name: str, a: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from newllm.models import count_params
+    from newllm.models.factory import count_params
     from newllm.training.phase1 import compute_contexts
     from newllm.training.trainer import autocast, detach_state, resolve_device
 

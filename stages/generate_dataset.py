@@ -30,4 +30,4 @@ def main(params, run) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("generate_dataset", main, outs=[str(OUT)])
+    run_stage("generate_dataset", main)

@@ -1,10 +1,6 @@
 """DVC stage: Phase 1 of CVFP, fixed-point training of the ContextBlock (SPEC §3)."""
 
-from pathlib import Path
-
 from newllm.pipeline import run_stage
-
-CKPT = Path("data/checkpoints/phase1_cvfp.pt")
 
 
 def main(params, run) -> None:
@@ -12,8 +8,8 @@ def main(params, run) -> None:
 
     from newllm.data.token_cache import load_cache
     from newllm.errors import PipelineError
-    from newllm.models import count_params
-    from newllm.models.factory import build_newllm, context_hparams
+    from newllm.models.cvfp import NewLLM
+    from newllm.models.factory import PHASE1_CHECKPOINT, context_hparams, count_params
     from newllm.report.figures import phase1_curves
     from newllm.training import checkpoint
     from newllm.training.phase1 import train_phase1
@@ -24,7 +20,7 @@ def main(params, run) -> None:
         raise PipelineError(f"params.yaml: phase1.streams ({params.phase1.streams}) is too large for the "
                             f"{n_train:,} Phase 1 tokens (needs >= 2 tokens a stream)")
     torch.manual_seed(params.seed)
-    model = build_newllm(params, cache.vocab_size)
+    model = NewLLM.from_config(params, cache.vocab_size)
     history: list[dict] = []
 
     def on_iteration(k: int, metrics: dict) -> None:
@@ -36,7 +32,7 @@ def main(params, run) -> None:
     result = train_phase1(model, train, params.phase1, seed=params.seed, val_ids=val,
                           on_iteration=on_iteration, device=params.device)
     frozen = {k: v for k, v in model.state_dict().items() if k.startswith(("embedding.", "context_block."))}
-    checkpoint.save(CKPT, frozen, context_hparams(params, cache.vocab_size))
+    checkpoint.save(PHASE1_CHECKPOINT, frozen, context_hparams(params, cache.vocab_size))
     run.log_figure(phase1_curves(history), "phase1_curves.png")
     final = {
         "iterations_run": result.iterations_run, "converged": int(result.converged),
@@ -56,4 +52,4 @@ def main(params, run) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("phase1_cvfp", main, outs=[str(CKPT)])
+    run_stage("phase1_cvfp", main)

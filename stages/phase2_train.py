@@ -5,7 +5,6 @@ from pathlib import Path
 
 from newllm.pipeline import run_stage
 
-PHASE1_CKPT, CKPT = Path("data/checkpoints/phase1_cvfp.pt"), Path("data/checkpoints/phase2_train.pt")
 TMP = Path("data/tmp/phase2_contexts")  # disk-backed context caches, removed when the stage ends
 
 
@@ -31,9 +30,11 @@ def context_storage(shape: tuple[int, ...], split: str):
 def main(params, run) -> None:
     import torch
 
+    from newllm.config import NEWLLM_KEYS
     from newllm.data.token_cache import load_cache
-    from newllm.models import Phase2Model
-    from newllm.models.factory import build_newllm, context_hparams, newllm_hparams
+    from newllm.models import factory
+    from newllm.models.cvfp import NewLLM, Phase2Model
+    from newllm.report.figures import lm_curves
     from newllm.training import checkpoint
     from newllm.training.checkpoint import CheckpointError
     from newllm.training.lm_stage import check_sizes, fit_lm
@@ -42,13 +43,13 @@ def main(params, run) -> None:
 
     cache = load_cache()
     check_sizes(cache, params.phase2, "phase2", params.eval_batch_size)
-    hparams = newllm_hparams(params, cache.vocab_size)
-    frozen, _ = checkpoint.load(PHASE1_CKPT, expect=context_hparams(params, cache.vocab_size))  # before compute
+    phase1 = factory.PHASE1_CHECKPOINT
+    frozen, _ = checkpoint.load(phase1, expect=factory.context_hparams(params, cache.vocab_size))  # before compute
     torch.manual_seed(params.seed)
-    llm = build_newllm(params, cache.vocab_size, load_pretrained=False)  # the checkpoint holds the embedding
+    llm = NewLLM.from_config(params, cache.vocab_size, load_pretrained=False)  # the checkpoint holds the embedding
     missing, unexpected = llm.load_state_dict(frozen, strict=False)
     if unexpected or any(k.startswith(("embedding.", "context_block.")) for k in missing):
-        raise CheckpointError(f"{PHASE1_CKPT} does not hold a ContextBlock for these params "
+        raise CheckpointError(f"{phase1} does not hold a ContextBlock for these params "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     device = resolve_device(params.device)
     llm.to(device)
@@ -69,8 +70,11 @@ def main(params, run) -> None:
         storage = context_storage(context_cache_shape(llm, len(ids), streams), split)
         extras[split] = {"contexts": compute_contexts(llm, ids, streams=streams, device=device, out=storage)}
     cache_s = time.perf_counter() - t0
-    final = fit_lm(run, "phase2_train", model, cache, params.phase2, seed=params.seed, device=params.device,
-                   eval_batch_size=params.eval_batch_size, ckpt_path=CKPT, ckpt_meta=hparams, save_module=llm, extras=extras)
+    final, history = fit_lm(run, model, cache, params.phase2, seed=params.seed, device=params.device,
+                            eval_batch_size=params.eval_batch_size, extras=extras)
+    factory.save_model(factory.checkpoint_path("newllm"), "newllm", llm,
+                       {k: getattr(params, k) for k in NEWLLM_KEYS}, cache.vocab_size)
+    run.log_figure(lm_curves(history, "phase2_train"), "phase2_train_curves.png")
     final["context_cache_s"] = round(cache_s, 3)
     run.finish(final)
     print(f"phase2_train: best val loss {final['val_loss']:.4f} (PPL {final['val_ppl']:.2f}, acc "
@@ -82,6 +86,6 @@ if __name__ == "__main__":
     import shutil
 
     try:
-        run_stage("phase2_train", main, outs=[str(CKPT)])
+        run_stage("phase2_train", main)
     finally:
         shutil.rmtree(TMP, ignore_errors=True)

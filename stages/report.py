@@ -5,8 +5,6 @@ from pathlib import Path
 from newllm.pipeline import run_stage
 
 OUT = Path("reports")
-OUTS = [str(OUT / "report.md"), str(OUT / "report.html"),
-        *(str(OUT / "figures" / f) for f in ("val_loss_curves.png", "phase1.png", "memory_vs_length.png"))]
 
 
 def main(params, run) -> None:
@@ -19,4 +17,4 @@ def main(params, run) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("report", main, outs=OUTS)
+    run_stage("report", main)

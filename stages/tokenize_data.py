@@ -34,4 +34,4 @@ def main(params, run) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("tokenize", main, outs=[str(OUT)])
+    run_stage("tokenize", main)

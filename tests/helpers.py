@@ -1,5 +1,7 @@
-"""Test helpers: tiny params and a throw-away copy of the project in its own git + DVC repo."""
+"""Test helpers: the project's params (with overrides), tiny params, and a throw-away copy of the project
+in its own git + DVC repo."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -38,6 +40,29 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def default_params(**overrides):
+    """The project's params.yaml (the one place defaults live) with nested overrides, validated."""
+    from newllm.config import parse_params
+
+    return parse_params(merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides))
+
+
+def write_params(path: Path, **overrides) -> Path:
+    """The project's params.yaml with nested overrides, written to `path` (a complete, valid params file)."""
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)))
+    return path
+
+
+def section(name: str, **overrides):
+    """One section of the default params with some keys changed, e.g. section("lstm", hidden_dim=8)."""
+    return dataclasses.replace(getattr(default_params(), name), **overrides)
+
+
+def use_project_dvc_yaml(cwd: Path) -> None:
+    """Stages read their params and outs from ./dvc.yaml: tests that run them in a temp dir need it there."""
+    shutil.copy(REPO / "dvc.yaml", cwd / "dvc.yaml")
+
+
 def env() -> dict:
     e = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
     for k in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "MLFLOW_TRACKING_URI"):
@@ -45,8 +70,10 @@ def env() -> dict:
     return e
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600,
+        extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                         timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res

@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 import time
@@ -5,22 +6,30 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, env
+from helpers import REPO, default_params, env, merge, write_params
 
-from newllm.config import (
-    STAGE_PARAMS,
-    ConfigError,
-    Params,
-    load_params,
-    params_hash,
-    parse_params,
-    stage_params,
-    to_dict,
-)
+from newllm import dag
+from newllm.config import ConfigError, params_hash, parse_params, stage_params, stages
+from newllm.registry import MODELS, PER_MODEL_TRAIN_KEYS, TrainConfig
+
+RAW = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def test_params_yaml_matches_the_dataclass_defaults():
-    assert to_dict(load_params(REPO / "params.yaml")) == to_dict(Params())
+def test_the_dataclasses_hold_no_defaults_params_yaml_holds_them_all():
+    for cls in (type(default_params()), *(s.config for s in MODELS.values())):
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, f"{cls}.{f.name}"
+    shared = {k for k in RAW["train"]}
+    assert shared == {f.name for f in dataclasses.fields(TrainConfig)} - set(PER_MODEL_TRAIN_KEYS)
+    for spec in MODELS.values():  # a model section restates no shared training key: one place for each fact
+        assert not shared & set(RAW[spec.section]), spec.section
+        assert set(PER_MODEL_TRAIN_KEYS) <= set(RAW[spec.section]), spec.section
+
+
+def test_a_model_section_inherits_train_and_may_override_it():
+    p = default_params(train={"epochs": 7}, lstm={"epochs": 3, "lr": 0.01})
+    assert (p.lstm.epochs, p.lstm.lr, p.transformer.epochs, p.phase2.epochs, p.train.epochs) == (3, 0.01, 7, 7, 7)
+    assert p.transformer.lr == 0.001 and p.lstm.seq_len == p.train.seq_len == 32
 
 
 @pytest.mark.parametrize(
@@ -44,43 +53,63 @@ def test_params_yaml_matches_the_dataclass_defaults():
         ({"dataset": {"source": "hf"}}, "dataset.hf_name is required"),
         ({"embedding": "gpt2"}, "embed_dim must be 768 with embedding gpt2"),
         ({"phase1": 3}, "phase1 must be a mapping"),
+        ({"train": {"epochs": 0}}, "train.epochs must be >= 1, got 0"),
+        ({"train": {"lr": 0.1}}, "unknown key 'train.lr'"),  # lr is per model
+        ({"lstm": {"epochs": "many"}}, "lstm.epochs must be an integer"),  # an override is validated too
+        ({"baselines": ["transformer", "transformer"]}, "baselines has duplicates"),
     ],
 )
 def test_validation_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError) as err:
-        parse_params(raw)
+        parse_params(merge(RAW, raw))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
 
+def test_a_missing_key_or_section_is_named():
+    for path in (("phase1", "noise"), ("train", "seq_len"), ("lstm", "lr"), ("seed",), ("cvp",)):
+        raw = yaml.safe_load((REPO / "params.yaml").read_text())
+        node = raw
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+        with pytest.raises(ConfigError, match="missing (key|section) '" + ".".join(path)):
+            parse_params(raw)
+
+
 def test_plan_a_decouples_layer_counts_and_floats_accept_yaml_strings():
-    p = parse_params({"token_plan": "A", "context_layers": 3, "token_layers": 1, "phase1": {"lr": "1e-3"}})
+    p = default_params(token_plan="A", context_layers=3, token_layers=1, phase1={"lr": "1e-3"})
     assert (p.context_layers, p.token_layers, p.phase1.lr) == (3, 1, 0.001)
 
 
 def test_stage_params_are_what_a_stage_reads_plus_what_its_inputs_were_made_with():
-    flat = stage_params(Params(), "tokenize")
+    p = default_params()
+    flat = stage_params(p, "tokenize")
     assert "tokenizer.kind" in flat and "dataset.source" in flat and "phase1.lr" not in flat
-    lstm = stage_params(Params(), "lstm")
-    assert "context_dim" not in lstm and "tokenizer.kind" in lstm and "lstm.lr" in lstm
-    assert "phase1.dist_reg_weight" in stage_params(Params(), "phase2_train")  # its ContextBlock's recipe
+    lstm = stage_params(p, "lstm")
+    assert "tokenizer.kind" in lstm and "lstm.lr" in lstm and "lstm.epochs" in lstm and "phase1.lr" not in lstm
+    assert "phase1.dist_reg_weight" in stage_params(p, "phase2_train")  # its ContextBlock's recipe
     # a seed replicate (`-S seed=1`) reruns the models on the same data, never a new dataset
-    assert "seed" not in stage_params(Params(), "generate_dataset") and "seed" not in stage_params(Params(), "tokenize")
-    assert params_hash(Params(), "lstm") != params_hash(parse_params({"tokenizer": {"kind": "char"}}), "lstm")
+    assert "seed" not in stage_params(p, "generate_dataset") and "seed" not in stage_params(p, "tokenize")
+    assert params_hash(p, "lstm") != params_hash(default_params(tokenizer={"kind": "char"}), "lstm")
+    assert params_hash(p, "lstm") != params_hash(default_params(train={"epochs": 3}), "lstm")
 
 
-def test_dvc_yaml_declares_exactly_the_params_each_stage_reads():
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        if "foreach" in stage:
-            for item in stage["foreach"] if isinstance(stage["foreach"], list) else []:
-                assert item in STAGE_PARAMS
-            continue
-        assert sorted(stage.get("params", [])) == sorted(STAGE_PARAMS[name]), name
+def test_stage_params_and_outs_come_from_dvc_yaml():
+    p = default_params()
+    declared = stages(p)
+    assert declared["lstm"].name == "baseline@lstm" and declared["lstm"].outs == ("data/checkpoints/baselines/lstm.pt",)
+    assert declared["lstm"].params == ("seed", "device", "eval_batch_size", "train", "lstm")
+    assert "transformer" not in stages(default_params(baselines=["lstm"]))  # the foreach follows `baselines`
+    assert set(dag.upstream_params(declared, "phase2_train")) >= {"phase1", "tokenizer", "dataset"}
+    from newllm.models.factory import checkpoint_path  # the one place Python names a checkpoint file
+
+    for spec in MODELS.values():
+        assert str(checkpoint_path(spec.name)) in declared[spec.record].outs
 
 
 def test_bad_params_fail_fast_before_heavy_imports_and_write_nothing(tmp_path: Path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"context_dim": -4}))
+    write_params(tmp_path / "params.yaml", context_dim=-4)
     stage = REPO / "stages" / "generate_dataset.py"
     probe = ("import sys, runpy\n"
              f"try:\n    runpy.run_path({str(stage)!r}, run_name='__main__')\n"

@@ -3,7 +3,7 @@ and the `newllm generate` command."""
 
 import pytest
 import torch
-import yaml
+from helpers import section, write_params
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from newllm import cli
@@ -12,10 +12,10 @@ from newllm.data.tokenizers import EOS, UNK
 from newllm.generation import decode_stream, stream_tokens
 from newllm.models.cvfp import NewLLM
 from newllm.models.cvp import CVPLM
+from newllm.models.factory import checkpoint_path, save_model
 from newllm.models.lstm import LSTMLM
 from newllm.models.transformer import TransformerLM
 from newllm.report.probes import tensor_bytes
-from newllm.training import checkpoint
 
 V = 40
 PROMPT = [1, 5, 7]
@@ -152,15 +152,15 @@ def workspace(tmp_path, monkeypatch):
     """A project folder with params, a token cache and one trained (well, initialised) LSTM checkpoint."""
     monkeypatch.chdir(tmp_path)
     lstm = {"embed_dim": 8, "hidden_dim": 8, "num_layers": 1, "dropout": 0.0}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"lstm": lstm, "seed": 0}))
+    write_params(tmp_path / "params.yaml", lstm=lstm, seed=0)
     lines = ["the cat sat on the mat", "a dog ran in the park"]
     tok = word_tokenizer(lines)
     write_cache(tmp_path / "data" / "tokens", tok, {"train": [2, 3, 4, 1], "val": [2, 3, 1]},
                 {"vocab_size": tok.get_vocab_size(), "eos_id": tok.token_to_id(EOS), "unk_id": 0, "kind": "word"})
     torch.manual_seed(0)
-    model = LSTMLM(tok.get_vocab_size(), **lstm)
-    checkpoint.save(tmp_path / "data" / "checkpoints" / "lstm.pt", model.state_dict(),
-                    {"vocab_size": tok.get_vocab_size(), "baseline": "lstm"})
+    cfg = section("lstm", **lstm)
+    model = LSTMLM.from_config(cfg, tok.get_vocab_size())
+    save_model(checkpoint_path("lstm", tmp_path / "data" / "checkpoints"), "lstm", model, cfg, tok.get_vocab_size())
     return tok
 
 

@@ -18,10 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import VENV_BIN, env
+from helpers import VENV_BIN, default_params, env, use_project_dvc_yaml
 
 from newllm import tracking
-from newllm.config import Params, TrackingConfig
 
 CONTEXT_DIMS = {"exp-ctx16": 16, "exp-ctx32": 32}  # DVC experiment name -> context_dim
 
@@ -57,9 +56,10 @@ def two_run_store(root: Path) -> tuple[str, dict[str, str]]:
         mp.chdir(root)
         mp.delenv("DVC_ROOT", raising=False)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        use_project_dvc_yaml(root)
         for exp, ctx in CONTEXT_DIMS.items():
             mp.setenv("DVC_EXP_NAME", exp)
-            params = Params(context_dim=ctx, tracking=TrackingConfig(uri=uri, experiment="t"))
+            params = default_params(context_dim=ctx, tracking={"uri": uri, "experiment": "t"})
             with tracking.stage_run("phase2_train", params) as run:
                 for step in range(3):
                     run.log_step({"val_loss": 3.0 - step * ctx / 100}, step=step)

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, run
 from mlflow.tracking import MlflowClient
 
@@ -84,7 +85,7 @@ def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
 
     # A New-LLM param reruns both phases and the parameter-matched Transformer, nothing else.
     ctx = run(["dvc", "exp", "run", "-n", "ctx32", "-S", "context_dim=32"], project)
-    ran = {line.split("'")[1] for line in ctx.stdout.splitlines() if line.startswith("Running stage")}
+    ran = _ran(ctx.stdout)
     assert ran == {"phase1_cvfp", "phase2_train", "param_budget", "baseline@transformer", "report"}, ran
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
     assert "ctx32" in shown and "char-tok" in shown
@@ -95,6 +96,12 @@ def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
         p2["ctx32"].info.run_id, "val_loss")] == [1, 2]
     assert len(runs["phase1_cvfp"]) == 3 and len(runs["lstm"]) == 2  # lstm reran only for the tokenizer change
 
+    # A model's own lr (each section has one) reruns that model only; the report follows its checkpoint.
+    lr = run(["dvc", "exp", "run", "-n", "tlr", "-S", "transformer.lr=3e-4"], project)
+    assert _ran(lr.stdout) == {"baseline@transformer", "report"}, lr.stdout
+    tlr = next(r for r in _runs_by_stage(project)["transformer"] if r.data.tags["dvc.exp_name"] == "tlr")
+    assert tlr.data.params["transformer.lr"] == "0.0003" and tlr.data.params["transformer.epochs"] == "2"
+
 
 def test_bad_params_leave_no_output_and_no_running_run(project: Path):
     params = (project / "params.yaml").read_text().replace("kind: word", "kind: wordpiece")
@@ -103,3 +110,81 @@ def test_bad_params_leave_no_output_and_no_running_run(project: Path):
     assert res.returncode != 0
     assert "tokenizer.kind must be one of: word, char, bpe, gpt2" in res.stderr + res.stdout
     assert not (project / "data/dataset").exists() and not (project / "mlflow.db").exists()
+
+
+BIGRAM_MODULE = '''"""A toy baseline: next token from the current one alone (embedding -> linear head)."""
+
+from torch import Tensor, nn
+
+
+class BigramLM(nn.Module):
+    def __init__(self, vocab_size: int, embed_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.head = nn.Linear(embed_dim, vocab_size)
+
+    @classmethod
+    def from_config(cls, cfg, vocab_size: int) -> "BigramLM":
+        return cls(vocab_size, cfg.embed_dim)
+
+    def forward(self, x: Tensor, state: None = None) -> tuple[Tensor, None]:
+        return self.head(self.embed(x)), None
+'''
+BIGRAM_CONFIG = '''@dataclass
+class BigramConfig(TrainConfig):
+    embed_dim: int = knob(lo=1)
+
+
+'''
+
+
+def _ran(stdout: str) -> set[str]:
+    return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage")}
+
+
+def test_an_added_model_is_one_module_one_registry_entry_one_params_section(project: Path):
+    """Register a toy model in a copy of the project: it trains in its own stage, appears in the report
+    and in `newllm generate`, and nothing else needs an edit (dvc.yaml included)."""
+    (project / "src/newllm/models/bigram.py").write_text(BIGRAM_MODULE)
+    registry = project / "src/newllm/registry.py"
+    text = registry.read_text()
+    cvp_entry = '    ModelSpec("cvp", "CVP", CVPConfig, "CVPLM", memory_probe=False),\n'
+    assert cvp_entry in text
+    text = text.replace(cvp_entry, cvp_entry + '    ModelSpec("bigram", "Bigram", BigramConfig, "BigramLM"),\n')
+    text = text.replace("# ----------------------------------------------------------------------------------------------- table",
+                        BIGRAM_CONFIG + "# ---------------------------------------------------------------------------------------------- table")
+    registry.write_text(text)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["baselines"].append("bigram")
+    params["bigram"] = {"lr": 0.01, "embed_dim": 8}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run(["git", "status", "--porcelain", "--untracked-files=all"], project).stdout.split()
+    assert sorted(changed[1::2]) == ["params.yaml", "src/newllm/models/bigram.py", "src/newllm/registry.py"]
+
+    own = {"PYTHONPATH": str(project / "src")}  # the copy's package, not the installed one
+    out = run(["dvc", "repro"], project, extra_env=own).stdout
+    assert "Running stage 'baseline@bigram'" in out
+    m = json.loads((project / "reports/metrics/bigram.json").read_text())
+    assert m["params_total"] == 2 * 8 * json.loads((project / "data/tokens/meta.json").read_text())["vocab_size"] \
+        + json.loads((project / "data/tokens/meta.json").read_text())["vocab_size"]
+    md = (project / "reports/report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| Bigram |"))
+    assert f"{m['val_loss']:.4f}" in row
+    gen = run(["newllm", "generate", "--model", "bigram", "--prompt", "the", "--max-new-tokens", "5"], project,
+              extra_env=own)
+    assert gen.stdout.startswith("the") and len(gen.stdout.split()) >= 2
+
+
+def test_touching_one_model_file_reruns_only_its_stage_and_the_report(project: Path):
+    run(["dvc", "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "repro"], project)
+    assert "up to date" in run(["dvc", "status"], project).stdout
+    with (project / "src/newllm/models/lstm.py").open("a") as f:
+        f.write("# touched\n")
+    status = yaml.safe_load(run(["dvc", "status", "--json"], project).stdout) or {}
+    assert sorted(status) == ["baseline@lstm", "report"], status
+    with (project / "src/newllm/training/phase1.py").open("a") as f:
+        f.write("# touched\n")
+    status = yaml.safe_load(run(["dvc", "status", "--json"], project).stdout) or {}
+    assert sorted(status) == ["baseline@lstm", "phase1_cvfp", "phase2_train", "report"], status

@@ -9,19 +9,20 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import env
+from helpers import default_params, env, use_project_dvc_yaml
 from mlflow.tracking import MlflowClient
 
 from newllm import tracking
-from newllm.config import Params, TrackingConfig, params_hash
+from newllm.config import Params, params_hash
 
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch) -> tuple[Params, str]:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
+    use_project_dvc_yaml(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return Params(tracking=TrackingConfig(uri=uri, experiment="t")), uri
+    return default_params(tracking={"uri": uri, "experiment": "t"}), uri
 
 
 def _runs(uri: str, name: str = "t"):
@@ -65,8 +66,9 @@ def test_an_exception_marks_the_run_failed_and_writes_no_metrics(store):
 def test_sigterm_marks_the_run_killed(store, tmp_path: Path):
     params, uri = store
     script = (
-        "import time\nfrom newllm import tracking\nfrom newllm.config import Params, TrackingConfig\n"
-        f"p = Params(tracking=TrackingConfig(uri={uri!r}, experiment='t'))\n"
+        "import sys, time\nfrom newllm import tracking\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\nfrom helpers import default_params\n"
+        f"p = default_params(tracking={{'uri': {uri!r}, 'experiment': 't'}})\n"
         "with tracking.stage_run('phase2_train', p):\n"
         "    print('started', flush=True)\n    time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, text=True)
@@ -96,11 +98,11 @@ def test_unreachable_server_fails_within_seconds(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     t0 = time.time()
     with pytest.raises(tracking.TrackingError, match=f"127.0.0.1:{port}"):
-        tracking.init_store(Params())
+        tracking.init_store(default_params())
     assert time.time() - t0 < 5
 
 
 def test_store_lives_under_dvc_root(monkeypatch, tmp_path: Path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "user-repo"))
-    assert tracking.tracking_uri(Params()) == f"sqlite:///{tmp_path / 'user-repo' / 'mlflow.db'}"
+    assert tracking.tracking_uri(default_params()) == f"sqlite:///{tmp_path / 'user-repo' / 'mlflow.db'}"

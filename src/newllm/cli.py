@@ -1,4 +1,4 @@
-"""`newllm` command line: tracking-store chores and (later) compare / generate."""
+"""`newllm` command line: validate params, the MLflow store (init, sync, UI), compare ablations, generate."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-from newllm.config import STAGE_PARAMS
 from newllm.pipeline import load_params_or_exit
+from newllm.registry import MODELS
 
 
 def _init_store(args: argparse.Namespace) -> int:
@@ -22,9 +22,10 @@ def _init_store(args: argparse.Namespace) -> int:
 
 def _sync(args: argparse.Namespace) -> int:
     from newllm import tracking
+    from newllm.config import stages
 
     params = load_params_or_exit(args.params)
-    created = tracking.sync(params, list(STAGE_PARAMS))
+    created = tracking.sync(params, list(stages(params)))
     print(f"synced {len(created)} run(s) into {tracking.tracking_uri(params)}: {', '.join(created) or 'none missing'}")
     return 0
 
@@ -65,7 +66,7 @@ def _generate(args: argparse.Namespace) -> int:
     rep = params.report  # unset flags fall back to the report's generation settings
     cache = load_cache()
     tok, eos = cache.tokenizer(), int(cache.meta["eos_id"])
-    model = load_model(args.model, params, cache.vocab_size)
+    model = load_model(args.model, cache.vocab_size)
     prompt = rep.prompts[0] if args.prompt is None else args.prompt
     ids = encode_prompt(tok, prompt, eos)
     unk = cache.meta.get("unk_id")
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--out", default="reports", help="output folder: <out>/ablations.md, <out>/figures/ablations.png")
     compare.set_defaults(fn=_compare)
     gen = sub.add_parser("generate", help="stream text from a trained model (unset flags: params report.*)")
-    gen.add_argument("--model", choices=("newllm", "transformer", "lstm", "cvp"), default="newllm")
+    gen.add_argument("--model", choices=list(MODELS), default="newllm")
     gen.add_argument("--prompt", help="text to continue (default: the first of report.prompts)")
     gen.add_argument("--max-new-tokens", type=int)
     gen.add_argument("--temperature", type=float)

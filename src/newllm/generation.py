@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from newllm.models.cvp import CVPLM
 from newllm.models.transformer import TransformerLM, sample
 
 
@@ -40,7 +39,7 @@ def stream_tokens(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: i
         raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy for argmax decoding")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if isinstance(model, CVPLM) and model.pos is not None:
+    if not getattr(model, "streamable", True):
         raise ValueError("a CVP model with a positional table indexes positions within a training window; "
                          "it cannot stream one token at a time (train it with positional: false)")
     return _stream(model, list(prompt_ids), max_new_tokens, temperature, top_k, seed, greedy)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from newllm.config import ConfigError, Params, load_params
+from newllm.config import ConfigError, Params, load_params, stages
 from newllm.errors import PipelineError
 
 
@@ -45,9 +45,21 @@ def make_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)  # a CUDA op without a deterministic kernel warns
 
 
-def run_stage(stage: str, body: Callable[[Params, Any], None], outs: list[str]) -> None:
-    """Validate params, open the stage's MLflow run, run `body(params, run)`, clean up on failure."""
+def run_stage(stage: str, body: Callable[[Params, Any], None]) -> None:
+    """Validate params, open the stage's MLflow run, run `body(params, run)`, clean up on failure.
+
+    `stage` is the stage's record name (its metrics file's): "phase1_cvfp", or the item of a foreach
+    stage ("lstm" for baseline@lstm). Its outputs are the ones dvc.yaml declares."""
     params = load_params_or_exit()
+    try:
+        declared = stages(params)
+        if stage not in declared:
+            raise PipelineError(f"dvc.yaml has no stage for {stage!r} (a baseline runs only when params.yaml's "
+                                f"baselines lists it: {', '.join(params.baselines)})")
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    outs = list(declared[stage].outs)
     from newllm import tracking  # MLflow and torch are imported only once the params are known to be good
 
     make_deterministic()
@@ -62,4 +74,3 @@ def run_stage(stage: str, body: Callable[[Params, Any], None], outs: list[str]) 
     except BaseException:
         _remove(outs)
         raise
-

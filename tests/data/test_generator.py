@@ -1,4 +1,5 @@
-from newllm.config import DatasetConfig
+from helpers import section
+
 from newllm.data import generator
 from newllm.data.corpora import load_splits
 from newllm.data.stats import split_stats
@@ -21,7 +22,7 @@ def test_type_counts_and_length_ranges():
 
 
 def test_stats_land_near_the_research_file():
-    stats = split_stats(load_splits(DatasetConfig(), seed=0))
+    stats = split_stats(load_splits(section("dataset"), seed=0))
     assert (stats["train_lines"], stats["val_lines"]) == (400, 100)
     assert abs(stats["tokens"] - 4986) < 150
     assert abs(stats["distinct_words"] - 252) <= 10
@@ -29,7 +30,7 @@ def test_stats_land_near_the_research_file():
 
 
 def test_deterministic_from_seed_and_splits_disjoint():
-    a, b, c = (load_splits(DatasetConfig(test_fraction=0.1), seed=s) for s in (7, 7, 8))
+    a, b, c = (load_splits(section("dataset", test_fraction=0.1), seed=s) for s in (7, 7, 8))
     assert (a.train, a.val, a.test) == (b.train, b.val, b.test)
     assert a.train != c.train
     assert not set(a.train) & set(a.val) and not set(a.train) & set(a.test) and not set(a.val) & set(a.test)

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import section
 
-from newllm.config import TokenizerConfig
 from newllm.data import tokenizers as tk
 from newllm.data.token_cache import TokenCacheError, load_cache, write_cache
 
@@ -12,21 +12,21 @@ TRAIN = ["the cat sat on the mat", "a dog ran in the park", "The Cat ran"]
 
 @pytest.mark.parametrize("kind", ["word", "char", "bpe"])
 def test_round_trip_on_seen_text(kind):
-    tok = tk.build_tokenizer(TokenizerConfig(kind=kind, vocab_size=300, lowercase=False), TRAIN)
+    tok = tk.build_tokenizer(section("tokenizer", kind=kind, vocab_size=300, lowercase=False), TRAIN)
     for line in TRAIN:
         ids = tok.encode(line).ids
         assert tok.decode(ids) == line
 
 
 def test_stream_ends_every_line_with_eos():
-    tok = tk.build_tokenizer(TokenizerConfig(kind="word"), TRAIN)
+    tok = tk.build_tokenizer(section("tokenizer", kind="word"), TRAIN)
     ids = tk.encode_lines(tok, ["the cat", "a dog"])
     eos = tk.eos_id(tok)
     assert ids[2] == eos and ids[-1] == eos and len(ids) == 6
 
 
 def test_unknown_words_map_to_unk_and_vocab_comes_from_train_only():
-    tok = tk.build_tokenizer(TokenizerConfig(kind="word"), TRAIN)
+    tok = tk.build_tokenizer(section("tokenizer", kind="word"), TRAIN)
     ids = tok.encode("the zebra sat").ids
     assert ids[1] == tk.unk_id(tok) and ids[0] != ids[1]
     assert tok.token_to_id("zebra") is None
@@ -34,13 +34,13 @@ def test_unknown_words_map_to_unk_and_vocab_comes_from_train_only():
 
 
 def test_char_tokenizer_handles_unseen_characters():
-    tok = tk.build_tokenizer(TokenizerConfig(kind="char"), TRAIN)
+    tok = tk.build_tokenizer(section("tokenizer", kind="char"), TRAIN)
     ids = tok.encode("cat!").ids
     assert len(ids) == 4 and ids[-1] == tk.unk_id(tok)
 
 
 def test_bpe_respects_vocab_size_and_never_needs_unk():
-    tok = tk.build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=270), TRAIN * 5)
+    tok = tk.build_tokenizer(section("tokenizer", kind="bpe", vocab_size=270), TRAIN * 5)
     assert tok.get_vocab_size() <= 270
     assert tok.decode(tok.encode("zebra ünïcode").ids) == "zebra ünïcode"
 
@@ -54,7 +54,7 @@ def test_gpt2_tokenizer_from_a_local_folder(tmp_path: Path):
     raw.train_from_iterator(TRAIN, trainers.BpeTrainer(vocab_size=300, special_tokens=[tk.GPT2_EOS],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     GPT2TokenizerFast(tokenizer_object=raw, eos_token=tk.GPT2_EOS).save_pretrained(tmp_path)
-    tok = tk.build_tokenizer(TokenizerConfig(kind="gpt2", path=str(tmp_path)), [])
+    tok = tk.build_tokenizer(section("tokenizer", kind="gpt2", path=str(tmp_path)), [])
     assert tk.eos_id(tok) == raw.token_to_id(tk.GPT2_EOS)
     assert tok.encode("the cat").ids == raw.encode("the cat").ids
 
@@ -65,7 +65,7 @@ def test_gpt2_tokenizer_offline_without_files_is_a_clear_error(tmp_path: Path):
 
 
 def test_token_cache_round_trip_and_damage_detection(tmp_path: Path):
-    tok = tk.build_tokenizer(TokenizerConfig(kind="word"), TRAIN)
+    tok = tk.build_tokenizer(section("tokenizer", kind="word"), TRAIN)
     streams = {"train": tk.encode_lines(tok, TRAIN), "val": tk.encode_lines(tok, TRAIN[:1]), "test": []}
     write_cache(tmp_path / "tokens", tok, streams, {"vocab_size": tok.get_vocab_size()})
     cache = load_cache(tmp_path / "tokens")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import section
 
-from newllm.config import CVPConfig, LSTMConfig, TransformerConfig
-from newllm.models import count_params
 from newllm.models.cvp import CVPLM
+from newllm.models.factory import count_params
 from newllm.models.lstm import LSTMLM
 from newllm.models.transformer import TransformerLM, gpt2_param_count, match_width
 
@@ -55,9 +55,9 @@ def test_match_width_refuses_an_unreachable_target():
 
 
 def test_from_config_builds_each_model():
-    assert TransformerLM.from_config(TransformerConfig(n_layer=1, n_head=2, seq_len=8), V, n_embd=8).seq_len == 8
-    assert LSTMLM.from_config(LSTMConfig(embed_dim=8, hidden_dim=8, tie_weights=True), V).head.weight.shape == (V, 8)
-    cvp = CVPLM.from_config(CVPConfig(embed_dim=8, context_dim=8, hidden_dim=8, gating=True), V)
+    assert TransformerLM.from_config(section("transformer", n_layer=1, n_head=2, n_embd=8, seq_len=8), V).seq_len == 8
+    assert LSTMLM.from_config(section("lstm", embed_dim=8, hidden_dim=8, tie_weights=True), V).head.weight.shape == (V, 8)
+    cvp = CVPLM.from_config(section("cvp", embed_dim=8, context_dim=8, hidden_dim=8, gating=True), V)
     assert cvp.forget is not None and cvp.norm is not None
 
 

@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from newllm.models import (
+from newllm.models.cvfp import (
     ContextBlock,
     ContextLayer,
     InputEmbedding,
     NewLLM,
     Phase2Model,
     TokenBlock,
-    count_params,
 )
+from newllm.models.factory import count_params
 
 V, DC, DE, L = 23, 12, 10, 3
 

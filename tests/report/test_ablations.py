@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
+from helpers import default_params, use_project_dvc_yaml, write_params
 
 from newllm import cli, tracking
-from newllm.config import Params, TrackingConfig
+from newllm.config import Params
 from newllm.report import ablations
 from newllm.report.ablations import BASELINE_LABEL, differing_params, group_ablations
 
@@ -47,7 +47,7 @@ def runs() -> pd.DataFrame:
 
 def test_groups_seeds_into_mean_and_std_per_ablation(runs):
     g = group_ablations(runs)
-    assert list(g["model"]) == ["New-LLM", "New-LLM", "lstm"]
+    assert list(g["model"]) == ["New-LLM", "New-LLM", "LSTM"]
     assert list(g["ablation"]) == ["context_dim=16", "context_dim=32", BASELINE_LABEL]
     assert list(g["n_seeds"]) == [3, 3, 2]
     assert g.loc[0, "seeds"] == ["0", "1", "2"] and g.loc[0, "ablation_params"] == {"context_dim": "16"}
@@ -76,7 +76,7 @@ def test_single_run_has_no_std_and_sorts_numerically():
     assert list(g["ablation"]) == ["context_dim=128", "context_dim=256", "context_dim=1024"]
     assert g["val_ppl_std"].isna().all() and list(g["n_seeds"]) == [1, 1, 1]
     table = ablations.markdown_table(g)
-    assert "| cvp | context_dim=128 | 1 (seed 0) | 5.00 | 1.6094 | 1,128 |" in table
+    assert "| CVP | context_dim=128 | 1 (seed 0) | 5.00 | 1.6094 | 1,128 |" in table
 
 
 def test_empty_frame_gives_no_groups():
@@ -95,22 +95,23 @@ def _stage(stage: str, params: Params, exp: str, val_ppl: float, monkeypatch) ->
 def test_compare_through_a_sqlite_store_and_the_cli(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
+    use_project_dvc_yaml(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tc = TrackingConfig(uri=uri, experiment="t")
+    tc = {"uri": uri, "experiment": "t"}
     ppl = {(16, 0): 9.0, (16, 1): 11.0, (32, 0): 7.0, (32, 1): 8.0}
     for (ctx, seed), value in ppl.items():
-        _stage("phase2_train", Params(context_dim=ctx, seed=seed, tracking=tc), f"ctx{ctx}-s{seed}", value,
+        _stage("phase2_train", default_params(context_dim=ctx, seed=seed, tracking=tc), f"ctx{ctx}-s{seed}", value,
                monkeypatch)
     time.sleep(0.01)
     # A re-run of ctx16/seed0 in the same experiment: only the newest counts.
-    _stage("phase2_train", Params(context_dim=16, seed=0, tracking=tc), "ctx16-s0", 10.0, monkeypatch)
+    _stage("phase2_train", default_params(context_dim=16, seed=0, tracking=tc), "ctx16-s0", 10.0, monkeypatch)
     # A failed run and a non-training stage are ignored.
     monkeypatch.setenv("DVC_EXP_NAME", "broken")
-    with pytest.raises(RuntimeError), tracking.stage_run("phase2_train", Params(context_dim=64, tracking=tc)):
+    with pytest.raises(RuntimeError), tracking.stage_run("phase2_train", default_params(context_dim=64, tracking=tc)):
         raise RuntimeError("boom")
-    _stage("tokenize", Params(tracking=tc), "ctx16-s0", 1.0, monkeypatch)
+    _stage("tokenize", default_params(tracking=tc), "ctx16-s0", 1.0, monkeypatch)
 
-    client, exp_id = tracking.init_store(Params(tracking=tc))
+    client, exp_id = tracking.init_store(default_params(tracking=tc))
     df = ablations.load_runs(client, exp_id)
     assert len(df) == 6 and set(df["status"]) == {"FINISHED"}
     assert {"params.context_dim", "params.phase2.lr", "metrics.final.val_ppl"} <= set(df.columns)
@@ -122,7 +123,7 @@ def test_compare_through_a_sqlite_store_and_the_cli(tmp_path: Path, monkeypatch,
     assert sorted(g.loc[0, "exps"]) == ["ctx16-s0", "ctx16-s1"]
 
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"tracking": {"uri": uri, "experiment": "t"}}))
+    write_params(params_file, tracking={"uri": uri, "experiment": "t"})
     assert cli.main(["--params", str(params_file), "compare", "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "ablations.md").read_text()
     assert "| New-LLM | context_dim=16 | 2 (seed 0, 1) | 10.50 ± 0.71 |" in md
@@ -136,7 +137,7 @@ def test_compare_on_an_empty_experiment_fails_with_a_message(tmp_path: Path, mon
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "t"}}))
+    write_params(params_file, tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "t"})
     assert cli.main(["--params", str(params_file), "compare"]) == 1
     assert "no FINISHED runs of phase2_train" in capsys.readouterr().err
     assert not (tmp_path / "reports" / "ablations.md").exists()

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from newllm.config import TrainConfig
 from newllm.models.cvp import CVPLM
 from newllm.models.lstm import LSTMLM
 from newllm.models.transformer import TransformerLM
+from newllm.registry import TrainConfig
 from newllm.training.trainer import (
     batchify,
     cosine_lr,
@@ -32,7 +32,8 @@ def stream(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(optimizer="adam", lr=0.01, batch_size=4, seq_len=8, epochs=2, grad_clip=1.0, patience=0)
+    base = dict(optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=4, seq_len=8, epochs=2, grad_clip=1.0,
+                scheduler="constant", plateau_factor=0.25, patience=0, min_delta=0.0, max_tokens=0)
     return TrainConfig(**{**base, **kw})
 
 

@@ -1,23 +1,5 @@
-"""Models. New-LLM (CVFP) lives in `cvfp`; the baselines in `transformer`, `lstm`, `cvp`."""
+"""Models, pure nn.Modules: New-LLM (CVFP) in `cvfp`, the baselines in `transformer`, `lstm`, `cvp`.
 
-from torch import nn
-
-from newllm.models.cvfp import (
-    ContextBlock,
-    ContextLayer,
-    InputEmbedding,
-    NewLLM,
-    Phase2Model,
-    TokenBlock,
-    TokenLayer,
-)
-
-
-def count_params(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied (shared) tensor counts once."""
-    params = list(module.parameters())  # parameters() yields a shared tensor once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-__all__ = ["ContextBlock", "ContextLayer", "InputEmbedding", "NewLLM", "Phase2Model", "TokenBlock",
-           "TokenLayer", "count_params"]
+Deliberately empty: a stage imports only the model module it trains (see models/factory.py), so
+editing one model's file reruns only the stages that build it.
+"""

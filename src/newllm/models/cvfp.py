@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from newllm.errors import PipelineError
+
 TokenPlan = Literal["E", "A"]
 
 
@@ -224,6 +226,25 @@ class NewLLM(nn.Module):
         _init_linear(self.head, head_std, 0.0)
         if tie_head:  # the head shares (and is frozen with) the embedding matrix; its bias stays its own
             self.head.weight = self.embedding.wte.weight
+
+    @classmethod
+    def from_config(cls, cfg, vocab_size: int, load_pretrained: bool = True) -> NewLLM:
+        """From the top-level model params (context_dim, ..., embedding, embedding_path, tie_head).
+
+        `load_pretrained=False` skips reading GPT-2's matrix (shapes only, e.g. to count params or to load
+        a checkpoint that already holds it)."""
+        embedding = None
+        if cfg.embedding == "gpt2":
+            try:
+                embedding = (InputEmbedding.from_gpt2(cfg.embedding_path or "gpt2") if load_pretrained
+                             else InputEmbedding(vocab_size, cfg.embed_dim))
+            except RuntimeError as e:  # never a silent random fallback: stop with the how-to
+                raise PipelineError(str(e).replace("\n", " ")) from None
+            if embedding.vocab_size != vocab_size:
+                raise PipelineError(f"GPT-2 embedding has {embedding.vocab_size} rows, the tokenizer {vocab_size}")
+            embedding.wte.weight.requires_grad_(False)
+        return cls(vocab_size, cfg.context_dim, cfg.embed_dim, cfg.context_layers, cfg.token_layers,
+                   cfg.token_plan, cfg.context_norm, cfg.tie_head, embedding)
 
     @staticmethod
     def _init_block(block: nn.Module, std: float, bias_std: float) -> None:

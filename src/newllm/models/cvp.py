@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from newllm.config import CVPConfig
+from newllm.registry import CVPConfig
 
 
 class CVPLM(nn.Module):
@@ -59,6 +59,12 @@ class CVPLM(nn.Module):
     def from_config(cls, cfg: CVPConfig, vocab_size: int) -> CVPLM:
         return cls(vocab_size, cfg.embed_dim, cfg.context_dim, cfg.hidden_dim, cfg.num_layers, cfg.dropout,
                    cfg.context_norm, cfg.gating, cfg.context_clip, cfg.positional, cfg.seq_len)
+
+    @property
+    def streamable(self) -> bool:
+        """A positional table indexes positions within a training window: such a model cannot generate
+        one token at a time (generation and the memory probe check this)."""
+        return self.pos is None
 
     def init_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
         # in the parameters' dtype (fp32), also under bf16 autocast: the context accumulates over many

@@ -1,85 +1,77 @@
-"""Build every model of the pipeline from validated params (one place that maps params -> modules)."""
+"""Build, save and reload any registered model (registry.py) without naming it in code.
+
+A model's class is found by its registry entry, `newllm.models.<module>.<model_class>`, imported only when
+it is built, so a stage imports the one model module it trains. A checkpoint stores the model's name, the
+vocabulary size and the config it was built from, so it rebuilds alone: the report and `newllm generate`
+need no model params, and DVC reruns them when the checkpoint changes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
 from torch import nn
 
-from newllm.config import Params
-from newllm.errors import PipelineError
-from newllm.models.cvfp import InputEmbedding, NewLLM
+from newllm.registry import MODELS, ModelSpec
+from newllm.training import checkpoint
+
+CHECKPOINTS = Path("data/checkpoints")
+PHASE1_CHECKPOINT = CHECKPOINTS / "phase1_cvfp.pt"  # New-LLM's embedding + ContextBlock, Phase 2's input
+
+# What Phase 1's checkpoint (embedding + ContextBlock) depends on: exactly the model keys its stage reads
+CONTEXT_KEYS = ("context_dim", "embed_dim", "context_layers", "context_norm", "embedding")
 
 
-def newllm_hparams(params: Params, vocab_size: int) -> dict:
-    """What a New-LLM checkpoint must agree with (stored in its meta, checked on load)."""
-    keys = ("context_dim", "embed_dim", "context_layers", "token_layers", "token_plan", "context_norm",
-            "embedding", "tie_head")
-    return {"vocab_size": vocab_size, **{k: getattr(params, k) for k in keys}}
+def spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (one of {', '.join(MODELS)})")
+    return MODELS[name]
 
 
-def context_hparams(params: Params, vocab_size: int) -> dict:
-    """What Phase 1's checkpoint (embedding + ContextBlock) depends on: exactly what its stage reads."""
-    keys = ("context_dim", "embed_dim", "context_layers", "context_norm", "embedding")
-    return {"vocab_size": vocab_size, **{k: getattr(params, k) for k in keys}}
+def model_class(name: str) -> type[nn.Module]:
+    s = spec(name)
+    return getattr(importlib.import_module(f"newllm.models.{s.module}"), s.model_class)
 
 
-def build_newllm(params: Params, vocab_size: int, load_pretrained: bool = True) -> NewLLM:
-    """`load_pretrained=False` skips reading GPT-2's matrix (shapes only, e.g. to count params or to
-    load a checkpoint that already holds it)."""
-    embedding = None
-    if params.embedding == "gpt2":
-        try:
-            embedding = (InputEmbedding.from_gpt2(params.embedding_path or "gpt2") if load_pretrained
-                         else InputEmbedding(vocab_size, params.embed_dim))
-        except RuntimeError as e:  # never a silent random fallback: stop with the how-to
-            raise PipelineError(str(e).replace("\n", " ")) from None
-        if embedding.vocab_size != vocab_size:
-            raise ValueError(f"GPT-2 embedding has {embedding.vocab_size} rows, the tokenizer {vocab_size}")
-        if not load_pretrained:
-            embedding.wte.weight.requires_grad_(False)
-    return NewLLM(vocab_size, params.context_dim, params.embed_dim, params.context_layers, params.token_layers,
-                  params.token_plan, params.context_norm, params.tie_head, embedding)
+def checkpoint_path(name: str, root: Path = CHECKPOINTS) -> Path:
+    """New-LLM's full model is Phase 2's output; each baseline's lives under baselines/ (the report's dep)."""
+    s = spec(name)
+    return Path(root) / (f"{s.record}.pt" if s.trains == "cvfp" else f"baselines/{s.record}.pt")
 
 
-def build_baseline(name: str, params: Params, vocab_size: int, n_embd: int | None = None) -> nn.Module:
-    if name == "transformer":
-        from newllm.models.transformer import TransformerLM
-
-        return TransformerLM.from_config(params.transformer, vocab_size, n_embd=n_embd)
-    if name == "lstm":
-        from newllm.models.lstm import LSTMLM
-
-        return LSTMLM.from_config(params.lstm, vocab_size)
-    if name == "cvp":
-        from newllm.models.cvp import CVPLM
-
-        return CVPLM.from_config(params.cvp, vocab_size)
-    raise ValueError(f"unknown baseline {name!r}")
+def count_params(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied (shared) tensor counts once."""
+    params = list(module.parameters())  # parameters() yields a shared tensor once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-MODEL_NAMES = ("newllm", "transformer", "lstm", "cvp")
+def context_hparams(params: Any, vocab_size: int) -> dict[str, Any]:
+    """Phase 1's checkpoint meta, checked by Phase 2 before it computes."""
+    return {"vocab_size": vocab_size, **{k: getattr(params, k) for k in CONTEXT_KEYS}}
 
 
-def checkpoint_path(name: str, ckpt_dir: str = "data/checkpoints") -> str:
-    """Where the trained weights of each model live (New-LLM's full model is Phase 2's output)."""
-    return f"{ckpt_dir}/{'phase2_train' if name == 'newllm' else name}.pt"
+def save_model(path: Path, name: str, model: nn.Module, config: Any, vocab_size: int) -> None:
+    """Weights plus what rebuilds them: the model's name and the config (dataclass or mapping) it was built from."""
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    checkpoint.save(path, model.state_dict(), {"model": name, "vocab_size": vocab_size, "config": cfg})
 
 
-def load_model(name: str, params: Params, vocab_size: int, ckpt_dir: str = "data/checkpoints") -> nn.Module:
-    """A trained model, rebuilt from params and its checkpoint; a mismatch or damage raises
-    CheckpointError naming the file."""
-    from newllm.training import checkpoint
-
-    path = checkpoint_path(name, ckpt_dir)
-    if name == "newllm":
-        state, _ = checkpoint.load(path, expect=newllm_hparams(params, vocab_size))
-        model = build_newllm(params, vocab_size, load_pretrained=False)
-    elif name in MODEL_NAMES:
-        state, meta = checkpoint.load(path, expect={"vocab_size": vocab_size, "baseline": name})
-        model = build_baseline(name, params, vocab_size, n_embd=meta.get("n_embd"))
-    else:
-        raise ValueError(f"unknown model {name!r} (one of {', '.join(MODEL_NAMES)})")
+def load_model(name: str, vocab_size: int, root: Path = CHECKPOINTS) -> nn.Module:
+    """A trained model rebuilt from its checkpoint alone, in eval mode; a damaged file, another model's
+    or another vocabulary's checkpoint raises CheckpointError naming the file."""
+    path = checkpoint_path(name, root)
+    state, meta = checkpoint.load(path, expect={"model": name, "vocab_size": vocab_size})
+    cls = model_class(name)
+    # New-LLM's checkpoint already holds its embedding: never re-read GPT-2's pretrained matrix
+    kwargs = {"load_pretrained": False} if spec(name).trains == "cvfp" else {}
     try:
+        model = cls.from_config(SimpleNamespace(**meta["config"]), vocab_size, **kwargs)
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise checkpoint.CheckpointError(f"{path} does not fit the current params: {str(e)[:300]}") from None
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise checkpoint.CheckpointError(f"{path} does not rebuild a {name} model: {str(e)[:300]}; rerun "
+                                         "`dvc repro`") from None
     return model.eval()

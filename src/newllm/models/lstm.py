@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from newllm.config import LSTMConfig
+from newllm.registry import LSTMConfig
 
 LSTMState = tuple[Tensor, Tensor]  # (h, c), each (num_layers, B, hidden_dim)
 

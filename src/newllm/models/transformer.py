@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from newllm.config import TransformerConfig
+from newllm.registry import TransformerConfig
 
 # transformers renamed the KV-cache argument `past_key_values` -> `cache` (5.x deprecates the old name);
 # we support both, since pyproject allows >= 4.45
@@ -74,9 +74,13 @@ class TransformerLM(nn.Module):
         self.seq_len = seq_len
 
     @classmethod
-    def from_config(cls, cfg: TransformerConfig, vocab_size: int, n_embd: int | None = None) -> TransformerLM:
-        """n_embd overrides cfg.n_embd (pass `match_width(...)` when cfg.match_params)."""
-        return cls(vocab_size, cfg.n_layer, cfg.n_head, n_embd or cfg.n_embd, cfg.seq_len, cfg.dropout)
+    def from_config(cls, cfg: TransformerConfig, vocab_size: int) -> TransformerLM:
+        return cls(vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.seq_len, cfg.dropout)
+
+    @staticmethod
+    def matched_config(cfg: TransformerConfig, vocab_size: int, target_params: int) -> dict[str, int]:
+        """The config changes that bring the model to ~target_params (±10 %): the width n_embd."""
+        return {"n_embd": match_width(target_params, vocab_size, cfg.n_layer, cfg.n_head, cfg.seq_len)}
 
     def forward(self, x: Tensor, state: None = None) -> tuple[Tensor, None]:
         """x (B, T) with T <= seq_len -> logits (B, T, V). Stateless: each window is attended to alone."""

@@ -20,9 +20,10 @@ import pandas as pd
 
 from newllm.config import Params
 from newllm.errors import PipelineError
+from newllm.registry import MODELS
 
-# Training stage -> model name in the report (in report order).
-TRAIN_STAGES = {"phase2_train": "New-LLM", "transformer": "transformer", "lstm": "lstm", "cvp": "cvp"}
+# Training stage (record) -> model name in the report, in registry order.
+TRAIN_STAGES = {s.record: s.display for s in MODELS.values()}
 REPLICATE_PARAMS = ("seed",)  # differ across runs without making an ablation
 METRICS = ("val_ppl", "val_loss", "params_total")  # read from `final.<key>`
 BASELINE_LABEL = "(none: all runs share params)"

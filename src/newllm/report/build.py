@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from newllm.config import Params, flatten, to_dict
+from newllm.config import Params, params_hash
 from newllm.errors import PipelineError
+from newllm.registry import MODELS, by_record
 from newllm.report.document import Document
 from newllm.report.figures import phase1_curves, pyplot
 from newllm.report.tables import (
-    MODEL_STAGES,
+    NEWLLM,
+    RATIO_BASELINES,
     Table,
     decision_band,
+    display,
     main_table,
     model_stages,
     ratios,
@@ -28,10 +29,6 @@ FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png")
 
 
 
-def params_digest(params: Params) -> str:
-    return hashlib.sha256(json.dumps(flatten(to_dict(params)), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def loss_curves_figure(root: Path, stages: list[str]):
     """Val loss per epoch of every model on one figure (train dashed, same colour)."""
     plt = pyplot()
@@ -42,9 +39,9 @@ def loss_curves_figure(root: Path, stages: list[str]):
             continue
         colour = f"C{i}"
         epochs = [row["step"] for row in curve]
-        ax.plot(epochs, [row["val_loss"] for row in curve], "-o", color=colour, label=f"{MODEL_STAGES[stage]} val")
+        ax.plot(epochs, [row["val_loss"] for row in curve], "-o", color=colour, label=f"{display(stage)} val")
         ax.plot(epochs, [row["train_loss"] for row in curve], "--", color=colour, alpha=0.7,
-                label=f"{MODEL_STAGES[stage]} train")
+                label=f"{display(stage)} train")
     ax.set(xlabel="epoch", ylabel="cross-entropy (nats/token)", title="Loss per epoch (val solid, train dashed)")
     ax.legend(ncol=2, fontsize=8)
     fig.tight_layout()
@@ -87,20 +84,19 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     cache = load_cache(root / "data" / "tokens")
     stages = model_stages(params.baselines)
     table, metrics = main_table(root, params.baselines)
-    scored = {MODEL_STAGES[s]: m.get("val_tokens") for s, m in metrics.items()}
+    scored = {display(s): m.get("val_tokens") for s, m in metrics.items()}
     if len(set(scored.values())) != 1:
         raise PipelineError(f"models were scored on different numbers of val tokens {scored}: rerun "
                             "`dvc repro` so every model goes through the same evaluation")
     rel = ratios(metrics)
-    new = metrics["phase2_train"]
+    new = metrics[NEWLLM]
     p1 = read_metrics(root, "phase1_cvfp")
     data = read_metrics(root, "generate_dataset")
     figs = out_dir / "figures"
 
     torch.manual_seed(params.seed)
-    names = {"phase2_train": "newllm", "transformer": "transformer", "lstm": "lstm", "cvp": "cvp"}
-    models = {MODEL_STAGES[s]: load_model(names[s], params, cache.vocab_size, str(root / "data" / "checkpoints"))
-              for s in stages}
+    loaded = {s: load_model(by_record(s).name, cache.vocab_size, root / "data" / "checkpoints") for s in stages}
+    models = {display(s): model for s, model in loaded.items()}
 
     doc = Document("New-LLM comparison report")
     doc.heading("How to read this")
@@ -108,7 +104,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         f"Dataset: `{params.dataset.source}` ({data['train_lines']:,} train / {data['val_lines']:,} val / "
         f"{data['test_lines']:,} test lines); tokenizer `{params.tokenizer.kind}`, vocabulary {cache.vocab_size:,}; "
         f"{len(cache.train):,} train and {len(cache.val):,} val tokens, the same for every model.",
-        f"Seed {params.seed}; git commit `{git_commit()[:7] or 'unknown'}`; params hash `{params_digest(params)}`.",
+        f"Seed {params.seed}; git commit `{git_commit()[:7] or 'unknown'}`; params hash `{params_hash(params, 'report')}` (the report's MLflow tag).",
         "Every model is evaluated by the same function on the same val tokens; losses are cross-entropy in "
         "nats per token, PPL = exp(loss), accuracy = top-1 next-token accuracy. Parameter counts include "
         "frozen parts (New-LLM's ContextBlock and embedding) and count tied matrices once.",
@@ -123,9 +119,9 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     doc.heading("Main table")
     doc.table(table)
     lines = []
-    for stage in ("transformer", "lstm"):
+    for stage in RATIO_BASELINES:
         if f"ppl_ratio_vs_{stage}" in rel:
-            lines.append(f"New-LLM / {MODEL_STAGES[stage]}: val loss ratio {rel[f'loss_ratio_vs_{stage}']:.3f}, "
+            lines.append(f"New-LLM / {display(stage)}: val loss ratio {rel[f'loss_ratio_vs_{stage}']:.3f}, "
                          f"val PPL ratio {rel[f'ppl_ratio_vs_{stage}']:.3f} (below 1: New-LLM is better).")
     lines.append(f"New-LLM's train wall time counts Phase 1 ({p1['wall_time_s']:.2f} s), the context cache "
                  f"({new.get('context_cache_s', 0.0):.2f} s) and Phase 2 ({new['train_wall_time_s']:.2f} s); its "
@@ -147,7 +143,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
              f"{p1['sequential_cosine']:.4f} (research: 0.9969).")
 
     doc.heading("Memory and speed versus sequence length (streaming inference, measured)")
-    probe_models = {k: v for k, v in models.items() if k in ("New-LLM", "Transformer", "LSTM")}
+    probe_models = {display(s): model for s, model in loaded.items() if by_record(s).memory_probe}
     rows = memory_vs_length(probe_models, params.report.memory_lengths, cache.vocab_size)
     doc.figure(_save(memory_figure(rows), figs / FIGURES[2]), "Peak memory and ms/token against sequence length")
     cols = [c for c in ("model", "method", "length", "state_bytes", "peak_bytes", "ms_per_token", "status") if c in rows[0]]
@@ -157,7 +153,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
              "Transformer's trained positions say so in `status`.")
 
     doc.heading("Fixed-point analysis of the trained ContextBlock (SPEC §4)")
-    fp = fixed_point_analysis(models["New-LLM"], params.report.fixed_point_threshold,
+    fp = fixed_point_analysis(models[MODELS["newllm"].display], params.report.fixed_point_threshold,
                               params.report.fixed_point_max_steps, seed=params.seed)
     fp_rows = fixed_point_rows(fp)
     doc.table(Table(["quantity", "ours", "research"], [[r["quantity"], r["ours"], r["research"]] for r in fp_rows]))

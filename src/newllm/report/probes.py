@@ -46,9 +46,6 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from newllm.models.cvfp import NewLLM
-from newllm.models.cvp import CVPLM
-from newllm.models.lstm import LSTMLM
 from newllm.models.transformer import TransformerLM
 
 
@@ -132,8 +129,8 @@ def _chunked(fn: Callable[[Tensor, Any], Any], ids: Tensor, chunk: int) -> Any:
 
 
 def _recurrent_runner(name: str, model: nn.Module, chunk: int, steps: int) -> _Runner:
-    if isinstance(model, CVPLM) and model.pos is not None:
-        raise ValueError(f"{name}: a CVP model with a positional table cannot stream (positions are per window)")
+    if not getattr(model, "streamable", True):
+        raise ValueError(f"{name}: this model cannot stream one token at a time (e.g. CVP with a positional table)")
 
     def feed(x: Tensor, state: Any) -> Any:
         return model(x, state)[1]  # the logits are produced (generation needs them) and dropped
@@ -208,7 +205,7 @@ def memory_vs_length(models: dict[str, nn.Module], lengths: list[int], vocab_siz
                      beyond_positions: Literal["extend", "stop"] = "extend") -> list[dict]:
     """One row per (model, method, length): state_bytes, peak_bytes, ms_per_token, status (see module doc).
 
-    `models` maps a display name to a NewLLM, LSTMLM, CVPLM or TransformerLM (the Transformer gives a KV
+    `models` maps a display name to a TransformerLM or a recurrent model (the Transformer gives a KV
     cache row and a full re-attention row). Inputs are random token ids (cost does not depend on them),
     the same for every model. ms/token is averaged over the last `steps` positions (`full_steps` for full
     re-attention); peak memory over the last `memory_steps` (it is the same at every step).
@@ -259,9 +256,8 @@ def _runners(name: str, model: nn.Module, extended: TransformerLM | None, chunk:
                  _kv_runner(name, extended, chunk, steps) if extended is not None else None),
                 (_full_runner(name, model, full_steps),
                  _full_runner(name, extended, full_steps) if extended is not None else None)]
-    if isinstance(model, (NewLLM, LSTMLM, CVPLM)):
-        return [(_recurrent_runner(name, model, chunk, steps), None)]
-    raise TypeError(f"{name}: no streaming probe for {type(model).__name__}")
+    # every other model follows the trainer's convention `logits, state = model(x, state)`
+    return [(_recurrent_runner(name, model, chunk, steps), None)]
 
 
 def memory_figure(rows: list[dict]):

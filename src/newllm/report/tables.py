@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from newllm.errors import PipelineError
+from newllm.registry import MODELS, by_record
 
-# stage name (metrics/plots file) -> the model's name in the report
-MODEL_STAGES = {"phase2_train": "New-LLM", "transformer": "Transformer", "lstm": "LSTM", "cvp": "CVP"}
+NEWLLM = MODELS["newllm"].record
+RATIO_BASELINES = ("transformer", "lstm")  # the report's New-LLM / baseline ratios (when they ran)
 COLUMNS = ["model", "params (trainable / total)", "train tokens", "val loss", "val PPL", "val accuracy",
            "best epoch", "train wall time (s)", "train tokens/s"]
 
@@ -56,14 +57,19 @@ def read_curve(root: Path, stage: str) -> list[dict[str, float]]:
 
 
 def model_stages(baselines: list[str]) -> list[str]:
-    return ["phase2_train", *baselines]
+    """The records (metrics/plots names) of the models the report compares: New-LLM, then `baselines`."""
+    return [NEWLLM, *(MODELS[b].record for b in baselines)]
+
+
+def display(record: str) -> str:
+    return by_record(record).display
 
 
 def main_table(root: Path, baselines: list[str]) -> tuple[Table, dict[str, dict[str, Any]]]:
     metrics = {s: read_metrics(root, s) for s in model_stages(baselines)}
     rows = []
     for stage, m in metrics.items():
-        rows.append([MODEL_STAGES[stage], f"{m['params_trainable']:,} / {m['params_total']:,}", m["train_tokens"],
+        rows.append([display(stage), f"{m['params_trainable']:,} / {m['params_total']:,}", m["train_tokens"],
                      m["val_loss"], m["val_ppl"], m["val_accuracy"], m["best_epoch"], train_wall_time(root, stage, m),
                      m["tokens_per_s"]])
     return Table(COLUMNS, rows), metrics
@@ -71,7 +77,7 @@ def main_table(root: Path, baselines: list[str]) -> tuple[Table, dict[str, dict[
 
 def train_wall_time(root: Path, stage: str, m: dict[str, Any]) -> float:
     """New-LLM's training cost is Phase 1 + the context cache + Phase 2, not Phase 2 alone."""
-    if stage != "phase2_train":
+    if by_record(stage).trains != "cvfp":
         return m["train_wall_time_s"]
     return round(read_metrics(root, "phase1_cvfp")["wall_time_s"] + m.get("context_cache_s", 0.0)
                  + m["train_wall_time_s"], 3)
@@ -80,8 +86,8 @@ def train_wall_time(root: Path, stage: str, m: dict[str, Any]) -> float:
 def ratios(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:
     """New-LLM / baseline ratios of val loss and PPL (below 1: New-LLM is better)."""
     out = {}
-    new = metrics["phase2_train"]
-    for stage in ("transformer", "lstm"):
+    new = metrics[NEWLLM]
+    for stage in RATIO_BASELINES:
         if stage in metrics:
             out[f"loss_ratio_vs_{stage}"] = new["val_loss"] / metrics[stage]["val_loss"]
             out[f"ppl_ratio_vs_{stage}"] = new["val_ppl"] / metrics[stage]["val_ppl"]

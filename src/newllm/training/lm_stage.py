@@ -1,20 +1,18 @@
 """What every next-token stage (Phase 2 and each baseline) does around the generic trainer: log each
-epoch, keep the best checkpoint, evaluate on test, draw the curves, and return the final metrics."""
+epoch, evaluate the best weights on val and test, and return the final metrics and the per-epoch history
+(the stage saves the checkpoint and draws the curves)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from newllm.config import TrainConfig
 from newllm.data.token_cache import TokenCache
 from newllm.errors import PipelineError
-from newllm.models import count_params
-from newllm.report.figures import lm_curves
-from newllm.training import checkpoint
+from newllm.models.factory import count_params
+from newllm.registry import TrainConfig
 from newllm.training.trainer import evaluate, train_lm
 
 
@@ -31,11 +29,11 @@ def check_sizes(cache: TokenCache, cfg: TrainConfig, section: str, eval_batch_si
                                 f"{n:,} {split} tokens (needs >= 2 tokens a row)")
 
 
-def fit_lm(run: Any, name: str, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, seed: int,
-           device: str, eval_batch_size: int, ckpt_path: Path, ckpt_meta: dict[str, Any],
-           save_module: nn.Module | None = None,
-           extras: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
-    """Train `model` with the one generic trainer; `save_module` (default: model) is what is checkpointed."""
+def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, seed: int, device: str,
+           eval_batch_size: int, extras: dict[str, dict[str, torch.Tensor]] | None = None
+           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train `model` with the one generic trainer (it ends holding its best epoch's weights); each epoch's
+    metrics go to `run.log_step`. Returns (final metrics, per-epoch history)."""
     extras = extras or {}
     history: list[dict[str, Any]] = []
 
@@ -49,8 +47,6 @@ def fit_lm(run: Any, name: str, model: nn.Module, cache: TokenCache, cfg: TrainC
                       eval_batch_size=eval_batch_size)
     # The best weights, through the one evaluation, on the val tokens every model predicts.
     val = evaluate(model, ids["val"], cfg.seq_len, eval_batch_size, extras=extras.get("val"))
-    module = save_module if save_module is not None else model
-    checkpoint.save(ckpt_path, module.state_dict(), ckpt_meta)
     trainable, total = count_params(model)
     final: dict[str, Any] = {
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
@@ -64,6 +60,4 @@ def fit_lm(run: Any, name: str, model: nn.Module, cache: TokenCache, cfg: TrainC
         test = evaluate(model, ids["test"], cfg.seq_len, eval_batch_size, extras=extras.get("test"))
         final.update(test_loss=round(test["loss"], 6), test_ppl=round(test["ppl"], 4),
                      test_accuracy=round(test["accuracy"], 6), test_tokens=test["tokens"])
-    if history:
-        run.log_figure(lm_curves(history, name), f"{name}_curves.png")
-    return final
+    return final, history

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from newllm.config import TrainConfig
+from newllm.registry import TrainConfig
 
 COSINE_MIN_LR = 1e-6  # the research's cosine annealing used eta_min 1e-6
 

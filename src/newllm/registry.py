@@ -1,0 +1,122 @@
+"""The models of the pipeline: one table that the params, the stages, the factory, the report, the
+ablation table and `newllm generate` all read.
+
+Adding a baseline is one module `models/<name>.py` (an nn.Module with `from_config(cfg, vocab_size)`),
+one `ModelSpec` below (with the dataclass of its params section), one `<name>:` section in params.yaml
+and its name in params.yaml's `baselines` list (dvc.yaml's `baseline` stage runs `foreach: ${baselines}`).
+
+A section's dataclass only validates (params.yaml holds every default), so this file holds no number a
+run could depend on: a stage's results depend on params.yaml and on the modules that compute, which is
+why the stages' DVC deps list those modules and not this table (adding a model reruns nothing else).
+Torch-free, like config.py: params are validated before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from newllm.schema import knob
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    """What the one generic LM trainer reads (New-LLM's Phase 2 and every baseline). The `train:` section
+    holds every key but `lr`, for all models at once; a model section sets its own `lr` (tuned per model)
+    and may override any other key (`-S +lstm.epochs=40`)."""
+
+    lr: float = knob(lo=0.0, lo_open=True)
+    optimizer: Literal["adam", "adamw", "sgd"] = knob()
+    weight_decay: float = knob(lo=0.0)
+    batch_size: int = knob(lo=1)
+    seq_len: int = knob(lo=2)
+    epochs: int = knob(lo=1)
+    grad_clip: float = knob(lo=0.0)  # 0 = off
+    scheduler: Literal["constant", "cosine", "plateau"] = knob()
+    plateau_factor: float = knob(lo=0.0, hi=1.0, lo_open=True)  # plateau: lr *= factor when val stalls
+    patience: int = knob(lo=0)  # early stopping; 0 = off
+    min_delta: float = knob(lo=0.0)
+    max_tokens: int = knob(lo=0)  # train on a prefix of the train stream (0 = all)
+
+
+PER_MODEL_TRAIN_KEYS = ("lr",)  # in every model section, never in `train:`
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass
+class Phase2Config(TrainConfig):
+    # Contexts are cached by one exact pass over this many contiguous chunks of each split, run as a batch
+    # (1 = the plain recurrence over the whole stream; more = faster on long corpora, reset at chunk starts).
+    streams: int = knob(lo=1)
+
+
+@dataclass
+class TransformerConfig(TrainConfig):
+    n_layer: int = knob(lo=1)
+    n_head: int = knob(lo=1)
+    n_embd: int = knob(lo=1)  # used as is when match_params is false
+    dropout: float = knob(lo=0.0, hi=1.0)
+    match_params: bool = knob()  # choose n_embd so total params are within ±10 % of New-LLM's
+
+
+@dataclass
+class LSTMConfig(TrainConfig):
+    embed_dim: int = knob(lo=1)
+    hidden_dim: int = knob(lo=1)
+    num_layers: int = knob(lo=1)
+    dropout: float = knob(lo=0.0, hi=1.0)
+    tie_weights: bool = knob()
+
+
+@dataclass
+class CVPConfig(TrainConfig):
+    embed_dim: int = knob(lo=1)
+    context_dim: int = knob(lo=1)
+    hidden_dim: int = knob(lo=1)
+    num_layers: int = knob(lo=1)
+    dropout: float = knob(lo=0.0, hi=1.0)
+    context_norm: bool = knob()
+    gating: bool = knob()
+    context_clip: float = knob(lo=0.0)  # 0 = off, else clamp(c, -clip, clip)
+    positional: bool = knob()  # learned position table over seq_len (the first versions had one)
+
+
+# ----------------------------------------------------------------------------------------------- table
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # `newllm generate --model`, the `baselines` item
+    display: str  # its name in the report
+    config: type  # the dataclass of its params section
+    model_class: str  # in newllm.models.<module>: from_config(cfg, vocab_size) -> nn.Module
+    # lm: one stage, the generic trainer on the token stream (`baseline@<name>`);
+    # cvfp: Phase 1 (fixed-point training of the ContextBlock) then Phase 2 (the generic trainer)
+    trains: Literal["lm", "cvfp"] = "lm"
+    section: str = ""  # params section; default: name
+    record: str = ""  # its metrics/plots/checkpoint/MLflow stage name; default: name
+    module: str = ""  # newllm.models.<module>; default: name
+    memory_probe: bool = True  # the report measures its memory and ms/token against sequence length
+
+    def __post_init__(self) -> None:
+        for attr in ("section", "record", "module"):
+            if not getattr(self, attr):
+                object.__setattr__(self, attr, self.name)
+
+
+MODELS: dict[str, ModelSpec] = {s.name: s for s in (
+    ModelSpec("newllm", "New-LLM", Phase2Config, "NewLLM", trains="cvfp", section="phase2",
+              record="phase2_train", module="cvfp"),
+    ModelSpec("transformer", "Transformer", TransformerConfig, "TransformerLM"),
+    ModelSpec("lstm", "LSTM", LSTMConfig, "LSTMLM"),
+    ModelSpec("cvp", "CVP", CVPConfig, "CVPLM", memory_probe=False),
+)}
+
+BASELINES = tuple(name for name, s in MODELS.items() if s.trains == "lm")  # what `baselines` may list
+
+
+def by_record(record: str) -> ModelSpec:
+    """The model whose stage writes reports/metrics/<record>.json."""
+    for spec in MODELS.values():
+        if spec.record == record:
+            return spec
+    raise KeyError(record)

@@ -1,0 +1,80 @@
+"""dvc.yaml's code deps are exactly the modules each stage's entry file imports (transitively), so a code
+change reruns every stage it can affect and no other."""
+
+import ast
+from pathlib import Path
+
+import pytest
+from helpers import REPO, default_params
+
+from newllm.config import stages
+from newllm.models.factory import spec
+
+SRC = REPO / "src"
+# Imported by stages but unable to change a result (dvc.yaml's header says why); not deps. The training
+# stages draw only MLflow copies of their curves with report/figures.py; the report draws its outputs with it.
+NOT_DEPS = {"newllm/pipeline.py", "newllm/tracking.py", "newllm/dag.py", "newllm/errors.py", "newllm/registry.py",
+            "newllm/report/figures.py"}
+REPORT_FIGURES = "newllm/report/figures.py"
+
+
+def _module_file(module: str) -> Path | None:
+    p = SRC.joinpath(*module.split("."))
+    for f in (p.with_suffix(".py"), p / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """Every newllm module `path` imports, at any level (function-local imports included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("newllm")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("newllm"):
+            out |= {f"{node.module}.{a.name}" if _module_file(f"{node.module}.{a.name}") else node.module
+                    for a in node.names}
+    return out
+
+
+def _is_docstring_only(path: Path) -> bool:
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
+def import_closure(entry: Path) -> set[str]:
+    """src-relative files (newllm/...) of every module `entry` imports, with their packages' __init__."""
+    seen: set[Path] = set()
+    todo = [entry]
+    while todo:
+        for module in _imports(todo.pop()):
+            parts = module.split(".")
+            for i in range(1, len(parts) + 1):
+                f = _module_file(".".join(parts[:i]))
+                if f is not None and f not in seen:
+                    seen.add(f)
+                    todo.append(f)
+    return {str(f.relative_to(SRC)) for f in seen if not _is_docstring_only(f)}
+
+
+def _covered(path: str, deps: set[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+@pytest.mark.parametrize("record", list(stages(default_params(), REPO)))
+def test_code_deps_are_the_imports_of_the_stage(record):
+    stage = stages(default_params(), REPO)[record]
+    entry = REPO / stage.deps[0]
+    assert entry.parent.name == "stages" and entry.is_file(), f"{stage.name}: its entry file comes first"
+    imported = import_closure(entry)
+    if stage.name.startswith("baseline@"):  # the factory imports the model's module by its registry entry
+        imported.add(f"newllm/models/{spec(record).module}.py")
+    needed = imported - NOT_DEPS | ({REPORT_FIGURES} if record == "report" else set())
+    deps = {d.removeprefix("src/") for d in stage.deps if d.startswith("src/")}
+    missing = sorted(f for f in needed if not _covered(f, deps))
+    assert not missing, f"{stage.name} imports {missing}: add them to its deps in dvc.yaml"
+    stale = sorted(d for d in deps if not (SRC / d).is_dir() and d not in imported)
+    assert not stale, f"{stage.name} lists {stale} in dvc.yaml but does not import them"
+    for d in stage.deps:
+        assert (REPO / d).exists() or d.startswith(("data/", "reports/")), f"{stage.name}: no such dep {d}"
