@@ -35,13 +35,14 @@ from pathlib import Path
 
 import torch
 
-from newllm.config import Phase1Config
-from newllm.models import NewLLM
+from newllm.config import load_params
+from newllm.models.cvfp import NewLLM
 from newllm.training.phase1 import train_phase1
 from newllm.training.trainer import resolve_device
 
 RESEARCH = {1000: {"sequential": (265.98, 64.3), "parallel": (11.35, 55.9)}}
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "train.txt"
+PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"  # Phase 1's other settings: the defaults
 
 
 def load_tokens(path: Path, n: int, seed: int) -> tuple[torch.Tensor, int, str]:
@@ -126,9 +127,9 @@ def main() -> None:
     device = resolve_device(args.device)
     mm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     D, L = args.dim, args.layers
-    cfg = Phase1Config(iterations=args.iterations, dist_reg_weight=args.dist_reg_weight, target=args.target,
-                       first_context=args.first_context)
-    cfg = replace(cfg, min_converged=float("inf"))  # early stopping off: time every iteration
+    cfg = replace(load_params(PARAMS_YAML).phase1, iterations=args.iterations, target=args.target,
+                  dist_reg_weight=args.dist_reg_weight, first_context=args.first_context,
+                  min_converged=float("inf"))  # early stopping off: time every iteration
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores"

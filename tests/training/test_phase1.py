@@ -7,15 +7,18 @@ context carried across tokens in Phase 2 -- plus the Jacobi structure that makes
 import copy
 import math
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import default_params
 
-from newllm.config import Phase1Config, Phase2Config
-from newllm.models import NewLLM, Phase2Model
+from newllm.models.cvfp import NewLLM, Phase2Model
+from newllm.training import phase1
 from newllm.training.phase1 import (
     compute_contexts,
+    cvfp_losses,
     parallel_contexts,
     sequential_pass,
     shift_contexts,
@@ -24,8 +27,9 @@ from newllm.training.phase1 import (
 )
 
 V, DC, DE, L = 17, 16, 12, 2
+PARAMS = default_params()  # the project's params.yaml
 # no early stop (min_converged > 1), so every iteration runs
-CFG = Phase1Config(iterations=4, min_converged=2.0, dist_reg_weight=0.5, lr=0.01)
+CFG = replace(PARAMS.phase1, iterations=4, min_converged=2.0, dist_reg_weight=0.5, lr=0.01)
 
 
 def tiny(seed: int = 0) -> NewLLM:
@@ -38,9 +42,31 @@ def stream(n: int = 40, seed: int = 1) -> torch.Tensor:
 
 
 def run(cfg=CFG, model=None, ids=None, **kw):
+    """train_phase1 on CPU -> (result, trace). trace[k] (k >= 1): what iteration k's (one) step fed and
+    got, each (S, N, DC): "input" contexts, "output" C^(k), "target" of its loss; trace[0] has only
+    "output", P^(0) (what iteration 1 starts from). Recorded by wrapping the module's step functions."""
+    assert cfg.steps_per_iteration == 1  # one trace record per step = per iteration
+    trace = []
+
+    def spy(forward):
+        def recorded(model, streams, prev, *args):
+            inputs, C = forward(model, streams, prev, *args)
+            if not trace:
+                trace.append({"output": prev})
+            trace.append({"input": inputs.detach().reshape(prev.shape), "output": C.detach().reshape(prev.shape)})
+            return inputs, C
+        return recorded
+
+    def losses(C, target, w):
+        trace[-1]["target"] = target.reshape(trace[-1]["output"].shape)
+        return cvfp_losses(C, target, w)
+
     model = model or tiny()
-    ids = stream() if ids is None else ids
-    return model, train_phase1(model, ids, cfg, device="cpu", trace=True, **kw)
+    with (mock.patch.object(phase1, "parallel_iteration", spy(phase1.parallel_iteration)),
+          mock.patch.object(phase1, "sequential_iteration", spy(phase1.sequential_iteration)),
+          mock.patch.object(phase1, "cvfp_losses", losses)):
+        res = train_phase1(model, stream() if ids is None else ids, cfg, device="cpu", **kw)
+    return res, trace
 
 
 # ----------------------------------------------------------------------------------------------- passes
@@ -95,22 +121,22 @@ def test_first_parallel_iteration_matches_the_reference_from_the_initial_weights
     model = tiny()
     init = copy.deepcopy(model)
     ids = stream()
-    _, res = run(model=model, ids=ids)
+    res, trace = run(model=model, ids=ids)
     P0 = sequential_pass(init, ids[None])[..., -1, :]
-    torch.testing.assert_close(res.trace[0]["output"], P0)
+    torch.testing.assert_close(trace[0]["output"], P0)
     with torch.no_grad():
         want = parallel_contexts(init, ids[None], P0)[..., -1, :]
-    torch.testing.assert_close(res.trace[1]["output"], want)
+    torch.testing.assert_close(trace[1]["output"], want)
     assert res.history[1]["cvfp_loss"] < 1e-10  # iteration 0's exact pass is already the fixed point
 
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
 def test_context_is_carried_across_iterations(mode):
     """Bug 2: iteration k's input contexts are iteration k-1's outputs, never a reset to zero."""
-    _, res = run(replace(CFG, mode=mode))
+    res, trace = run(replace(CFG, mode=mode))
     for k in range(1, res.iterations_run):
-        inputs = res.trace[k]["input"]
-        src = res.trace[k - 1]["output"] if mode == "parallel" else res.trace[k]["output"]
+        inputs = trace[k]["input"]
+        src = trace[k - 1]["output"] if mode == "parallel" else trace[k]["output"]
         # parallel: the previous iteration's outputs, shifted; sequential (the research's reference):
         # this pass's own previous token, detached
         torch.testing.assert_close(inputs, shift_contexts(src))
@@ -122,36 +148,36 @@ def test_each_iteration_runs_with_the_weights_of_the_step_before(mode):
     """parallel: C^(k) = one Jacobi step from C^(k-1); sequential (the research's reference): the exact
     recurrence. Both with the weights as the previous iteration's optimiser step left them."""
     model, ids, snaps = tiny(), stream(), {}
-    _, res = run(replace(CFG, mode=mode), model=model, ids=ids,
-                 on_iteration=lambda k, m: snaps.__setitem__(k, copy.deepcopy(model)))
+    res, trace = run(replace(CFG, mode=mode), model=model, ids=ids,
+                     on_iteration=lambda k, m: snaps.__setitem__(k, copy.deepcopy(model)))
     for k in range(1, res.iterations_run):
         with torch.no_grad():
             if mode == "parallel":
-                want = parallel_contexts(snaps[k - 1], ids[None], res.trace[k - 1]["output"])[..., -1, :]
+                want = parallel_contexts(snaps[k - 1], ids[None], trace[k - 1]["output"])[..., -1, :]
             else:
                 want = sequential_pass(snaps[k - 1], ids[None])[..., -1, :]
-        torch.testing.assert_close(res.trace[k]["output"], want)
+        torch.testing.assert_close(trace[k]["output"], want)
 
 
 @pytest.mark.parametrize("policy", ["fixed", "previous"])
 def test_target_policy(policy):
     """Bug 1: `fixed` keeps iteration 0's contexts as the target for every iteration; `previous`
     refreshes it to the previous iteration's."""
-    _, res = run(replace(CFG, target=policy))
+    res, trace = run(replace(CFG, target=policy))
     assert res.iterations_run == CFG.iterations
     for k in range(1, res.iterations_run):
-        want = res.trace[0]["output"] if policy == "fixed" else res.trace[k - 1]["output"]
-        assert torch.equal(res.trace[k]["target"], want)
+        want = trace[0]["output"] if policy == "fixed" else trace[k - 1]["output"]
+        assert torch.equal(trace[k]["target"], want)
         # and the reported cvfp loss is the MSE against exactly that target
-        got = F.mse_loss(res.trace[k]["output"], res.trace[k]["target"]).item()
+        got = F.mse_loss(trace[k]["output"], trace[k]["target"]).item()
         assert res.history[k]["cvfp_loss"] == pytest.approx(got, rel=1e-5, abs=1e-12)
     if policy == "fixed":
-        assert not torch.equal(res.trace[2]["target"], res.trace[1]["output"])
+        assert not torch.equal(trace[2]["target"], trace[1]["output"])
 
 
 def test_losses_and_metrics_are_reported_every_iteration():
     seen = []
-    _, res = run(on_iteration=lambda k, m: seen.append((k, m)), val_ids=stream(20, seed=5))
+    res, _ = run(on_iteration=lambda k, m: seen.append((k, m)), val_ids=stream(20, seed=5))
     assert [k for k, _ in seen] == list(range(CFG.iterations))
     for _, m in seen[1:]:
         assert m["total_loss"] == pytest.approx(0.5 * m["cvfp_loss"] + 0.5 * m["diversity_loss"], rel=1e-5)
@@ -163,15 +189,15 @@ def test_losses_and_metrics_are_reported_every_iteration():
 
 def test_sequential_cosine_is_one_when_the_weights_do_not_move():
     """The parallel iterates track the exact recurrence; they part only as far as training moves it."""
-    _, still = run(replace(CFG, lr=0.0, iterations=6))
+    still, _ = run(replace(CFG, lr=0.0, iterations=6))
     assert still.sequential_cosine == pytest.approx(1.0, abs=1e-6)
-    _, moving = run(replace(CFG, lr=0.01, iterations=6))
+    moving, _ = run(replace(CFG, lr=0.01, iterations=6))
     assert moving.sequential_cosine < 0.999
 
 
 def test_diversity_loss_is_negative_spread_over_tokens():
-    _, res = run()
-    C = res.trace[1]["output"].reshape(-1, DC)
+    res, trace = run()
+    C = trace[1]["output"].reshape(-1, DC)
     want = -(C - C.mean(0)).norm().item() / C.size(0)
     assert res.history[1]["diversity_loss"] == pytest.approx(want, rel=1e-5)
 
@@ -195,31 +221,31 @@ def test_frozen_gpt2_style_embedding_stays_put():
 
 
 def test_early_stop_on_convergence_not_before_iteration_2():
-    _, res = run(replace(CFG, iterations=8, min_iterations=1, min_converged=0.5, convergence_threshold=1e3))
+    res, _ = run(replace(CFG, iterations=8, min_iterations=1, min_converged=0.5, convergence_threshold=1e3))
     assert res.converged and res.iterations_run == 3  # iterations 0, 1, 2
 
 
 def test_early_stop_only_from_min_iterations():
     """The default config (tau = 0.1, min_converged = 0.95) meets its convergence rate within a couple of
     steps, long before the block has trained: min_iterations (= iterations by default) holds the stop off."""
-    _, res = run(Phase1Config())
-    assert not res.converged and res.iterations_run == Phase1Config().iterations
-    _, res = run(Phase1Config(min_iterations=2, min_converged=0.5))
+    res, _ = run(PARAMS.phase1)
+    assert not res.converged and res.iterations_run == PARAMS.phase1.iterations
+    res, _ = run(replace(PARAMS.phase1, min_iterations=2, min_converged=0.5))
     assert res.converged and res.iterations_run == 3  # stopped at iteration 2
 
 
 def test_first_context_comes_from_the_config():
-    _, res = run(replace(CFG, first_context="wrap"))
+    res, trace = run(replace(CFG, first_context="wrap"))
     for k in range(1, res.iterations_run):
-        assert torch.equal(res.trace[k]["input"][:, 0], res.trace[k - 1]["output"][:, -1])
+        assert torch.equal(trace[k]["input"][:, 0], trace[k - 1]["output"][:, -1])
 
 
 def test_streams_and_max_tokens():
-    _, res = run(replace(CFG, streams=3, max_tokens=31))
+    res, trace = run(replace(CFG, streams=3, max_tokens=31))
     assert res.streams == 3 and res.train_tokens == 30  # 31 // 3 * 3
     assert res.contexts.shape == (3, 10, DC)
     # each stream's first position starts from zero
-    assert torch.equal(res.trace[1]["input"][:, 0], torch.zeros(3, DC))
+    assert torch.equal(trace[1]["input"][:, 0], torch.zeros(3, DC))
     assert split_streams(torch.arange(7), 2).tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
@@ -228,15 +254,15 @@ def test_noise_perturbs_inputs_reproducibly():
     _, a = run(cfg, seed=3)
     _, b = run(cfg, seed=3)
     _, c = run(cfg, seed=4)
-    assert torch.equal(a.trace[1]["input"], b.trace[1]["input"])
-    assert not torch.equal(a.trace[1]["input"], c.trace[1]["input"])
-    assert not torch.equal(a.trace[1]["input"], shift_contexts(a.trace[0]["output"]))
+    assert torch.equal(a[1]["input"], b[1]["input"])
+    assert not torch.equal(a[1]["input"], c[1]["input"])
+    assert not torch.equal(a[1]["input"], shift_contexts(a[0]["output"]))
 
 
 def test_same_seed_same_metrics():
     strip = lambda h: [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in h]  # noqa: E731
-    _, a = run(seed=7)
-    _, b = run(seed=7)
+    a, _ = run(seed=7)
+    b, _ = run(seed=7)
     assert strip(a.history) == strip(b.history)
     assert torch.equal(a.contexts, b.contexts)
 
@@ -296,7 +322,7 @@ def test_phase2_trains_with_the_generic_trainer():
     extras_train = {"contexts": compute_contexts(model, train_ids, streams=4)}
     extras_val = {"contexts": compute_contexts(model, val_ids)}
     frozen = copy.deepcopy(model.context_block.state_dict())
-    cfg = Phase2Config(epochs=3, batch_size=4, seq_len=8, lr=0.01, patience=0)
+    cfg = replace(PARAMS.phase2, epochs=3, batch_size=4, seq_len=8, lr=0.01, patience=0)
     res = train_lm(Phase2Model(model), train_ids, val_ids, cfg, extras_train=extras_train,
                    extras_val=extras_val, device="cpu", progress=False)
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]

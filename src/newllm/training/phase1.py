@@ -3,9 +3,9 @@
 Pure training code: no MLflow, no files. The stage logs what the callback and `Phase1Result` report.
 
 The recurrence is c_t = CB(c_{t-1}, x_t) (c_t: the last layer's output, zero before a stream's first token).
-Iteration 0 runs it exactly, token by token, without learning, giving P^(0). Each later iteration k feeds
-every position t the previous iteration's context of position t-1 and runs all positions in one batched
-pass:
+Iteration 0 runs it exactly, token by token, without learning, giving P^(0). Each later iteration k
+(`parallel_iteration`) feeds every position t the previous iteration's context of position t-1 and runs all
+positions in one batched pass:
 
     C^(k)[t] = CB(P^(k-1)[t-1], x_t),    P^(k) = C^(k).detach()
 
@@ -16,8 +16,8 @@ a stream's first position must get what the recurrence gives it, the zero contex
 context, P[N-1] (a cyclic stream, whose fixed point is not the sequential one); cfg.first_context "wrap"
 reproduces it. Either way the context is carried across iterations, never reset (the research's bug 2).
 
-The losses apply to the block's output (the last layer's), as in the research: it is the only output that
-is fed back, so it is the one whose fixed point is being sought (earlier layers are functions of it and x):
+The losses (`cvfp_losses`) apply to the block's (last layer's) output, as in the research: the only output
+fed back, so the one whose fixed point is being sought (earlier layers are functions of it and x):
 
     cvfp      = mean((C - target)^2)                  target: P^(0) (`fixed`) or P^(k-1) (`previous`)
     diversity = -||C - mean_t C||_F / tokens
@@ -34,9 +34,9 @@ rate compares iterates one optimiser step apart, so early on it is met before th
 iteration 1 even runs the very weights of iteration 0's exact pass, so it reproduces it (100 % by
 construction). The defaults (min_iterations = iterations = 10) run every iteration.
 
-cfg.mode "sequential" is the research's slow reference, for comparison: every iteration runs the
-recurrence token by token with grad, each token's input context being the previous token's output of the
-same pass, detached; the loss is accumulated over the pass, then one backward and one optimiser step.
+cfg.mode "sequential" is the research's slow reference (`sequential_iteration`, in parallel_iteration's
+place in the same loop): each step runs the recurrence token by token with grad, each token's input context
+the previous token's output of the same pass, detached; the loss is accumulated over the pass, one backward.
 
 On CUDA the training forward passes run under bf16 autocast; the exact no-grad passes (iteration 0, the
 final sequential check, val ER, `compute_contexts`) run in fp32 everywhere.
@@ -82,9 +82,6 @@ class Phase1Result:
     train_tokens: int  # S * N positions trained on
     streams: int
     contexts: Tensor = field(repr=False)  # (S, N, Dc) final last-layer contexts, CPU
-    # trace=True only: per iteration {"input", "output", "target"} last-layer contexts (S, N, Dc), CPU;
-    # iteration 0 has only "output".
-    trace: list[dict[str, Tensor]] | None = field(default=None, repr=False)
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -179,22 +176,78 @@ def compute_contexts(model: NewLLM, ids: Tensor, streams: int = 1, chunk: int = 
 
 
 # ----------------------------------------------------------------------------------------------- training
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def add_noise(x: Tensor, std: float, gen: torch.Generator | None) -> Tensor:
+    """x (..., Dc) + N(0, std^2) noise drawn from `gen`; x itself when std <= 0."""
+    return x if std <= 0 else x + std * torch.randn(x.shape, generator=gen, device=x.device)
 
 
-def _losses(C: Tensor, target: Tensor, w: float) -> tuple[Tensor, Tensor, Tensor]:
+def parallel_iteration(model: NewLLM, streams: Tensor, prev: Tensor, first: FirstContext = "zero",
+                       noise: float = 0.0, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """One training forward of a Jacobi iteration, with grad: streams (S, N), prev (S, N, Dc) ->
+    (inputs, C), each (S*N, Dc): the (noisy) input contexts shift(prev) and the last layer's outputs, fp32."""
+    inputs = add_noise(shift_contexts(prev, first), noise, gen)
+    with autocast(streams.device):
+        return inputs, _parallel_outputs(model, streams, inputs)[-1].float()
+
+
+def sequential_iteration(model: NewLLM, streams: Tensor, prev: Tensor, first: FirstContext = "zero",
+                         noise: float = 0.0, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """cfg.mode "sequential" (the research's slow reference), parallel_iteration's drop-in: token by token,
+    each token's input context the previous token's output of this same pass, detached. prev (S, N, Dc)
+    only gives the first position's context ("wrap"). Returns (inputs, C), each (S*N, Dc)."""
+    cb, Dc = model.context_block, prev.size(-1)
+    # unbind: per-token views with one stacked backward (x[:, t] would zero-fill an (S, N, De) grad per token)
+    xs = model.embedding(streams).unbind(1)
+    c = prev[:, -1] if first == "wrap" else prev.new_zeros(prev.size(0), Dc)
+    inputs, outputs = [], []
+    with autocast(streams.device):
+        for x_t in xs:
+            inputs.append(add_noise(c.detach(), noise, gen))
+            c = cb.outputs(inputs[-1], x_t)[-1]
+            outputs.append(c)
+    return torch.stack(inputs, 1).reshape(-1, Dc), torch.stack(outputs, 1).float().reshape(-1, Dc)
+
+
+def cvfp_losses(C: Tensor, target: Tensor, w: float) -> tuple[Tensor, Tensor, Tensor]:
     """C, target (tokens, Dc), fp32 -> (cvfp, diversity, total)."""
     cvfp = F.mse_loss(C, target)  # on the raw contexts, never on re-normalised copies
     diversity = -(C - C.mean(dim=0)).norm() / C.size(0)
     return cvfp, diversity, (1.0 - w) * cvfp + w * diversity
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list[Tensor], loss: Tensor, grad_clip: float) -> float:
+    """One backward + clipped Adam step -> the gradient norm before clipping (grad_clip 0 = off)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    opt.step()
+    return norm.item()
+
+
+def effective_rank_pct(contexts: Tensor, max_rows: int, gen: torch.Generator) -> tuple[float, float]:
+    """contexts (..., Dc) -> (ER, 100 * ER / Dc) of their rows (at most max_rows, drawn from gen)."""
+    er = effective_rank(contexts.reshape(-1, contexts.size(-1)), max_rows=max_rows, generator=gen)
+    return er, 100.0 * er / contexts.size(-1)
+
+
+def iteration_metrics(losses: tuple[Tensor, Tensor, Tensor], grad_norm: float, C: Tensor, P: Tensor,
+                      cfg: Phase1Config, er_gen: torch.Generator, step_time: float) -> dict[str, float]:
+    """Iteration k's metrics but time_s: the last step's losses, C = C^(k) and P = P^(k-1) (S, N, Dc)."""
+    er, er_pct = effective_rank_pct(C, cfg.er_max_rows, er_gen)
+    return {"cvfp_loss": losses[0].item(), "diversity_loss": losses[1].item(), "total_loss": losses[2].item(),
+            "grad_norm": grad_norm, "er": er, "er_pct": er_pct,
+            "convergence_rate": convergence_rate(C, P, cfg.convergence_threshold), "step_time_s": step_time}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: int = 0,
                  val_ids: Tensor | None = None,
                  on_iteration: Callable[[int, dict[str, float]], None] | None = None,
-                 device: str | torch.device = "auto", trace: bool = False, check_sequential: bool = True) -> Phase1Result:
+                 device: str | torch.device = "auto", check_sequential: bool = True) -> Phase1Result:
     """Train model.context_block (+ the embedding's trainable parameters) in place, on `device` (the
     model is moved there); see the module doc.
 
@@ -209,108 +262,55 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     device = resolve_device(device)
     model.to(device)
     ids = train_ids[: cfg.max_tokens] if cfg.max_tokens else train_ids
-    streams = split_streams(ids.long(), cfg.streams).to(device)
-    S, N = streams.shape
-    Dc, w, first_context = model.context_dim, cfg.dist_reg_weight, cfg.first_context
+    streams = split_streams(ids.long(), cfg.streams).to(device)  # (S, N)
+    S, N, Dc = *streams.shape, model.context_dim
     noise_gen = torch.Generator(device=device).manual_seed(seed)
     er_gen = torch.Generator().manual_seed(seed)
     params = [p for m in (model.embedding, model.context_block) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
+    forward = parallel_iteration if cfg.mode == "parallel" else sequential_iteration
 
-    def er_of(contexts: Tensor) -> tuple[float, float]:
-        er = effective_rank(contexts.reshape(-1, Dc), max_rows=cfg.er_max_rows, generator=er_gen)
-        return er, 100.0 * er / Dc
-
-    def noisy(inputs: Tensor) -> Tensor:
-        if cfg.noise <= 0:
-            return inputs
-        return inputs + cfg.noise * torch.randn(inputs.shape, generator=noise_gen, device=device)
-
-    def step(loss: Tensor) -> float:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        opt.step()
-        return norm.item()
-
-    # ---- iteration 0: the exact recurrence, no learning
+    # iteration 0: the exact recurrence, no learning -> P^(0)
     t0 = time.perf_counter()
-    P = sequential_pass(model, streams)[..., -1, :]  # (S, N, Dc)
-    first_target = P
-    er, er_pct = er_of(P)
+    P = P0 = sequential_pass(model, streams)[..., -1, :]  # (S, N, Dc)
+    er, er_pct = effective_rank_pct(P, cfg.er_max_rows, er_gen)
     _sync(device)
     history = [{"er": er, "er_pct": er_pct, "time_s": time.perf_counter() - t0}]
-    traced = [{"output": P.cpu()}] if trace else None
     if on_iteration:
         on_iteration(0, history[0])
 
     conv, converged = 0.0, False
     for k in range(1, cfg.iterations):
         t0 = time.perf_counter()
-        target = (first_target if cfg.target == "fixed" else P).reshape(-1, Dc)
-        for _ in range(cfg.steps_per_iteration):
-            if cfg.mode == "parallel":
-                inputs = noisy(shift_contexts(P, first_context))
-                with autocast(device):
-                    C = _parallel_outputs(model, streams, inputs)[-1].float()
-            else:  # the research's slow reference: per-token forward, previous context detached
-                inputs, C = _sequential_iteration(model, streams, P, first_context, noisy)
-            cvfp, div, total = _losses(C, target, w)
-            grad_norm = step(total)
+        target = (P0 if cfg.target == "fixed" else P).reshape(-1, Dc)
+        for _ in range(cfg.steps_per_iteration):  # each a fresh forward from the same P, fresh noise
+            _, C = forward(model, streams, P, cfg.first_context, cfg.noise, noise_gen)
+            losses = cvfp_losses(C, target, cfg.dist_reg_weight)
+            grad_norm = optimizer_step(opt, params, losses[2], cfg.grad_clip)
         C = C.detach().reshape(S, N, Dc)
         _sync(device)
-        step_time = time.perf_counter() - t0
-        conv = convergence_rate(C, P, cfg.convergence_threshold)
-        if traced is not None:
-            traced.append({"input": inputs.detach().reshape(S, N, Dc).cpu(), "output": C.cpu(),
-                           "target": target.reshape(S, N, Dc).cpu()})
-        P = C  # carried into the next iteration (never reset: bug 2)
-        er, er_pct = er_of(P)
-        metrics = {"cvfp_loss": cvfp.item(), "diversity_loss": div.item(), "total_loss": total.item(),
-                   "grad_norm": grad_norm, "er": er, "er_pct": er_pct, "convergence_rate": conv,
-                   "step_time_s": step_time, "time_s": time.perf_counter() - t0}
+        metrics = iteration_metrics(losses, grad_norm, C, P, cfg, er_gen, step_time=time.perf_counter() - t0)
+        metrics["time_s"] = time.perf_counter() - t0
+        P, conv = C, metrics["convergence_rate"]  # the last step's outputs, carried on (never reset: bug 2)
         history.append(metrics)
         if on_iteration:
             on_iteration(k, metrics)
-        # The rate compares iterates one optimiser step apart, so it is met long before the block has
-        # trained (iteration 1 even reruns iteration 0's weights: 100 % by construction): early stop only
-        # from cfg.min_iterations on, and never before iteration 2 (min_iterations may be 1).
+        # the rate is met long before the block has trained (module doc): stop from min_iterations, never < 2
         if k >= max(cfg.min_iterations, 2) and conv >= cfg.min_converged:
             converged = True
             break
 
     cosine = math.nan
     if check_sequential:  # how far the parallel-trained contexts are from the exact recurrence's
-        exact = sequential_pass(model, streams)[..., -1, :]
-        cosine = F.cosine_similarity(P, exact, dim=-1).mean().item()
+        cosine = F.cosine_similarity(P, sequential_pass(model, streams)[..., -1, :], dim=-1).mean().item()
     val_er = val_er_pct = None
     if val_ids is not None:
         val_streams = split_streams(val_ids.long(), max(1, min(cfg.streams, val_ids.numel()))).to(device)
-        val_er, val_er_pct = er_of(sequential_pass(model, val_streams)[..., -1, :])
+        val_er, val_er_pct = effective_rank_pct(sequential_pass(model, val_streams)[..., -1, :],
+                                                cfg.er_max_rows, er_gen)
     _sync(device)
     return Phase1Result(
         iterations_run=len(history), converged=converged, history=history, train_er=history[-1]["er"],
         train_er_pct=history[-1]["er_pct"], convergence_rate=conv, sequential_cosine=cosine,
         val_er=val_er, val_er_pct=val_er_pct, wall_time_s=time.perf_counter() - t_start,
-        train_tokens=S * N, streams=S, contexts=P.cpu(), trace=traced)
-
-
-def _sequential_iteration(model: NewLLM, streams: Tensor, prev: Tensor, first: FirstContext,
-                          noisy: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """One iteration of the research's sequential reference, with grad: token by token through the block,
-    each token's input context the previous token's output of this same pass, detached (so the loss is
-    accumulated over the whole pass, then one backward). Returns (inputs, outputs), each (S*N, Dc)."""
-    cb = model.context_block
-    # unbind: per-token views whose backward is one stack (indexing x[:, t] would zero-fill a whole
-    # (S, N, De) gradient per token)
-    xs = model.embedding(streams).unbind(1)
-    c = prev[:, -1] if first == "wrap" else prev.new_zeros(prev.size(0), prev.size(-1))
-    inputs, outputs = [], []
-    with autocast(streams.device):
-        for x_t in xs:
-            c_in = noisy(c.detach())
-            c = cb.outputs(c_in, x_t)[-1]
-            inputs.append(c_in)
-            outputs.append(c)
-    Dc = prev.size(-1)
-    return torch.stack(inputs, 1).reshape(-1, Dc), torch.stack(outputs, 1).float().reshape(-1, Dc)
+        train_tokens=S * N, streams=S, contexts=P.cpu())
