@@ -2,7 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import section
+from helpers import SHARED_DATA, section
 
 from newllm.data import tokenizers as tk
 from newllm.data.token_cache import TokenCacheError, load_cache, write_cache
@@ -76,3 +76,32 @@ def test_token_cache_round_trip_and_damage_detection(tmp_path: Path):
         load_cache(tmp_path / "tokens")
     with pytest.raises(TokenCacheError, match="run `dvc repro tokenize`"):
         load_cache(tmp_path / "nowhere")
+
+
+WIKITEXT = SHARED_DATA / "wikitext-2"
+
+
+@pytest.mark.skipif(not WIKITEXT.is_dir(), reason=f"{WIKITEXT} is absent (the shared WikiText-2 copy)")
+@pytest.mark.parametrize("kind, vocab_size", [("word", 8000), ("bpe", 2000), ("char", 300)])
+def test_wikitext_literal_unk_is_the_special_unk_and_every_id_fits(kind, vocab_size, tmp_path: Path):
+    train = (WIKITEXT / "train.txt").read_text(encoding="utf-8").splitlines()[:3000]
+    valid = (WIKITEXT / "valid.txt").read_text(encoding="utf-8").splitlines()[:500]
+    tok = tk.build_tokenizer(section("tokenizer", kind=kind, vocab_size=vocab_size), train)
+    assert (tk.unk_id(tok), tk.eos_id(tok)) == (0, 1)  # reserved before training
+    assert tok.encode("a <unk> b", add_special_tokens=False).tokens.count(tk.UNK) == 1
+    streams = {"train": tk.encode_lines(tok, train), "val": tk.encode_lines(tok, valid)}
+    literals = sum(line.count(tk.UNK) for line in train)
+    unk = int(np.sum(np.asarray(streams["train"]) == 0))
+    assert unk >= literals  # every literal is UNK (a word-level vocab cap adds out-of-vocabulary words)
+    assert unk == literals if kind != "word" else unk > literals
+    meta = {"vocab_size": tok.get_vocab_size(), "eos_id": 1, "unk_id": 0, "kind": kind}
+    write_cache(tmp_path / "tokens", tok, streams, meta)
+    assert load_cache(tmp_path / "tokens").train.max() < tok.get_vocab_size()
+
+
+def test_a_cache_with_an_id_outside_the_vocabulary_is_never_written(tmp_path: Path):
+    tok = tk.build_tokenizer(section("tokenizer", kind="word"), TRAIN)
+    bad = {"train": [2, 3, tok.get_vocab_size()], "val": [2, 3]}
+    with pytest.raises(TokenCacheError, match="train has ids outside the vocabulary"):
+        write_cache(tmp_path / "tokens", tok, bad, {"vocab_size": tok.get_vocab_size(), "kind": "word"})
+    assert not (tmp_path / "tokens").exists() and not (tmp_path / "tokens.tmp").exists()

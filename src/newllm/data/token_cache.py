@@ -41,15 +41,26 @@ class TokenCache:
         return Tokenizer.from_file(str(self.root / "tokenizer.json"))
 
 
+def check_ids(split: str, ids: np.ndarray, vocab_size: int, where: str) -> None:
+    """Every id of a stream is a vocabulary row: a cache that breaks this would fail every training stage."""
+    if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() >= vocab_size)):
+        top = int(ids.max()) if ids.size else None
+        raise TokenCacheError(f"{where}: {split} has ids outside the vocabulary (max id {top}, vocab {vocab_size})")
+
+
 def write_cache(root: Path, tokenizer, streams: dict[str, list[int]], meta: dict) -> None:
-    """Write into a sibling temp folder and swap it in, so a crash never leaves half a cache."""
+    """Check every stream's ids, then write into a sibling temp folder and swap it in, so a crash never
+    leaves half a cache and a bad one is never written (DVC would cache it)."""
+    arrays = {split: np.asarray(streams.get(split, []), dtype=np.int32) for split in SPLITS}
+    for split, ids in arrays.items():
+        check_ids(split, ids, meta["vocab_size"], f"tokenizer {meta.get('kind', '')}".strip())
     root = Path(root)
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer.save(str(tmp / "tokenizer.json"))
-    for split in SPLITS:
-        np.save(tmp / f"{split}.npy", np.asarray(streams.get(split, []), dtype=np.int32))
+    for split, ids in arrays.items():
+        np.save(tmp / f"{split}.npy", ids)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
@@ -66,8 +77,7 @@ def load_cache(root: str | Path = "data/tokens") -> TokenCache:
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise TokenCacheError(f"damaged token cache at {root} ({e}): rerun `dvc repro -f tokenize`") from None
     for split, arr in arrays.items():
-        if arr.ndim != 1 or (arr.size and (arr.min() < 0 or arr.max() >= meta["vocab_size"])):
-            raise TokenCacheError(f"damaged token cache at {root}: {split}.npy has ids outside the vocabulary")
+        check_ids(f"{split}.npy", arr, meta["vocab_size"], f"damaged token cache at {root}")
     if arrays["train"].size < 2 or arrays["val"].size < 2:
         raise TokenCacheError(f"token cache at {root} has an empty train or val split")
     return TokenCache(root, meta, **arrays)

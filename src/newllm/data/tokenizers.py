@@ -2,6 +2,11 @@
 
 Every kind ends each line with an end-of-line token, so a corpus becomes one token stream in which
 sentence boundaries stay visible to the model.
+
+The special tokens (<unk>, <eos>) are reserved before training, at ids 0 and 1, and a literal occurrence in
+the text maps to its special id: WikiText and PTB write unknown words as a literal `<unk>`, which must be
+the tokenizer's unknown token, not a second, ordinary word that takes its id (that left id 0 unused and
+an id equal to the vocabulary size in the stream).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from newllm.config import TokenizerConfig
 from newllm.errors import PipelineError
 
 UNK, EOS = "<unk>", "<eos>"
+SPECIALS = [UNK, EOS]
 GPT2_EOS = "<|endoftext|>"
 
 
@@ -27,7 +33,7 @@ def _word_level(cfg: TokenizerConfig, pre_tokenizer, decoder) -> tuple[Tokenizer
     if decoder is not None:
         tok.decoder = decoder
     trainer = trainers.WordLevelTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                                        special_tokens=[UNK, EOS], show_progress=False)
+                                        special_tokens=SPECIALS, show_progress=False)
     return tok, trainer
 
 
@@ -42,14 +48,22 @@ def build_tokenizer(cfg: TokenizerConfig, train_lines: list[str]) -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                                      special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False)
     elif cfg.kind == "gpt2":
         return load_gpt2_tokenizer(cfg.path)
     else:
         raise TokenizerError(f"unknown tokenizer.kind {cfg.kind!r}")
-    tok.train_from_iterator(train_lines, trainer=trainer)
+    tok.add_special_tokens(SPECIALS)  # matched in the raw text before any split: a literal <unk> is UNK
+    # The trainer would also count each literal as an ordinary token and give it a second id.
+    tok.train_from_iterator((_without_specials(line) for line in train_lines), trainer=trainer)
     return tok
+
+
+def _without_specials(line: str) -> str:
+    for special in SPECIALS:
+        line = line.replace(special, " ")
+    return line
 
 
 def load_gpt2_tokenizer(path: str | None) -> Tokenizer:
