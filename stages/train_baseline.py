@@ -47,4 +47,8 @@ def main(params, run) -> None:
 
 
 if __name__ == "__main__":
+    from newllm.registry import BASELINES
+
+    if NAME not in BASELINES:  # never let a wrong name reach run_stage, which removes that stage's outputs
+        sys.exit(f"usage: train_baseline.py {{{','.join(BASELINES)}}}")
     run_stage(NAME, main)

@@ -32,7 +32,8 @@ def _check_report(project: Path) -> None:
     md = (project / "reports/report.md").read_text()
     rows = [line.strip("|").split("|") for line in md.split("## Main table")[1].split("##")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| model")]
-    stages = {"New-LLM": "phase2_train", "Transformer": "transformer", "LSTM": "lstm", "CVP": "cvp"}
+    stages = {"New-LLM": "phase2_train", "Transformer": "baselines/transformer", "LSTM": "baselines/lstm",
+              "CVP": "baselines/cvp"}
     assert [r[0].strip() for r in rows] == list(stages)
     for row in rows:
         m = json.loads((project / f"reports/metrics/{stages[row[0].strip()]}.json").read_text())
@@ -61,7 +62,7 @@ def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
     first = run(["dvc", "repro"], project)
     assert "Running stage 'generate_dataset'" in first.stdout and "Running stage 'tokenize'" in first.stdout
     assert (project / "data/dataset/train.txt").is_file() and (project / "data/tokens/train.npy").is_file()
-    for stage in ("tokenize", "phase1_cvfp", "phase2_train", "transformer", "lstm", "cvp"):
+    for stage in ("tokenize", "phase1_cvfp", "phase2_train", "baselines/transformer", "baselines/lstm", "baselines/cvp"):
         assert (project / f"reports/metrics/{stage}.json").is_file(), stage
     _check_report(project)
     runs = _runs_by_stage(project)
@@ -164,7 +165,7 @@ def test_an_added_model_is_one_module_one_registry_entry_one_params_section(proj
     own = {"PYTHONPATH": str(project / "src")}  # the copy's package, not the installed one
     out = run(["dvc", "repro"], project, extra_env=own).stdout
     assert "Running stage 'baseline@bigram'" in out
-    m = json.loads((project / "reports/metrics/bigram.json").read_text())
+    m = json.loads((project / "reports/metrics/baselines/bigram.json").read_text())
     assert m["params_total"] == 2 * 8 * json.loads((project / "data/tokens/meta.json").read_text())["vocab_size"] \
         + json.loads((project / "data/tokens/meta.json").read_text())["vocab_size"]
     md = (project / "reports/report.md").read_text()

@@ -81,8 +81,8 @@ def test_sigterm_marks_the_run_killed(store, tmp_path: Path):
 
 def test_sync_replays_files_once(store):
     params, uri = store
-    tracking.write_metrics("phase2_train", {"val_ppl": 12.5})
-    tracking.write_plot("phase2_train", [{"step": 0, "val_loss": 3.0}, {"step": 1, "val_loss": 2.5}])
+    tracking.write_metrics(Path("reports/metrics/phase2_train.json"), {"val_ppl": 12.5})
+    tracking.write_plot(Path("reports/plots/phase2_train.csv"), [{"step": 0, "val_loss": 3.0}, {"step": 1, "val_loss": 2.5}])
     assert tracking.sync(params, ["phase2_train", "tokenize"]) == ["phase2_train"]
     assert tracking.sync(params, ["phase2_train", "tokenize"]) == []
     client, runs = _runs(uri)

@@ -22,10 +22,9 @@ def _init_store(args: argparse.Namespace) -> int:
 
 def _sync(args: argparse.Namespace) -> int:
     from newllm import tracking
-    from newllm.config import stages
 
     params = load_params_or_exit(args.params)
-    created = tracking.sync(params, list(stages(params)))
+    created = tracking.sync(params)
     print(f"synced {len(created)} run(s) into {tracking.tracking_uri(params)}: {', '.join(created) or 'none missing'}")
     return 0
 

@@ -182,6 +182,9 @@ def _cross_checks(p: Any) -> None:
         _check_file("tokenizer.path", p.tokenizer.path, is_dir=True)
     if p.embedding == "gpt2":
         _check_file("embedding_path", p.embedding_path, is_dir=True)
+    if not p.baselines:
+        raise ConfigError("params.yaml: baselines is empty: the report compares New-LLM with at least one of "
+                          + ", ".join(BASELINES))
     if len(set(p.baselines)) != len(p.baselines):
         raise ConfigError(f"params.yaml: baselines has duplicates: {p.baselines}")
     if p.transformer.n_embd % p.transformer.n_head:
@@ -215,7 +218,7 @@ def parse_params(raw: Any) -> Any:
 def load_params(path: str | os.PathLike = "params.yaml") -> Any:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
+        raise ConfigError(f"params file not found: {path} (run from the project root, where params.yaml is)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -249,7 +252,8 @@ def stage_params(params: Any, stage: str, root: Path = Path(".")) -> dict[str, A
     its input files were made with (every upstream stage's). MLflow logs these; params_hash covers them."""
     dvc_stages = stages(params, root)
     keys = dvc_stages[stage].params + dag.upstream_params(dvc_stages, stage)
-    flat = flatten(to_dict(params))
+    # `train.*` is never logged: each model section holds its resolved values (lstm.epochs, not train.epochs)
+    flat = {k: v for k, v in flatten(to_dict(params)).items() if not k.startswith("train.")}
     return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
 
 

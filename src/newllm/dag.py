@@ -30,6 +30,16 @@ class Stage:
     outs: tuple[str, ...]  # cached outputs (removed when the stage fails)
     records: tuple[str, ...]  # its metrics and plots files (git-tracked, written only on success)
 
+    @property
+    def metrics_file(self) -> Path | None:
+        """Where its final metrics go (the one .json among `records`)."""
+        return next((Path(p) for p in self.records if p.endswith(".json")), None)
+
+    @property
+    def plots_file(self) -> Path | None:
+        """Where its per-step curve goes (the one .csv among `records`)."""
+        return next((Path(p) for p in self.records if p.endswith(".csv")), None)
+
 
 def _paths(entries: list[Any]) -> tuple[str, ...]:
     """dvc.yaml lists a path as a string or as a one-key mapping {path: options}."""

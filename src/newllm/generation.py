@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from newllm.models.transformer import TransformerLM, sample
+from newllm.models.transformer import sample
 
 
 def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator,
@@ -56,7 +56,7 @@ def _stream(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, temper
     was_training = model.training
     model.eval()
     try:
-        if isinstance(model, TransformerLM):
+        if hasattr(model, "stream"):  # a model with its own decoding (the Transformer: its KV cache)
             # greedy == top-1: the only token left after the top-k mask, whatever the draw
             yield from model.stream(prompt, max_new_tokens, 1.0 if greedy else temperature,
                                     1 if greedy else top_k, gen)

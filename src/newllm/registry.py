@@ -101,6 +101,9 @@ class ModelSpec:
         for attr in ("section", "record", "module"):
             if not getattr(self, attr):
                 object.__setattr__(self, attr, self.name)
+        # dvc.yaml's `baseline` foreach names a baseline's section, files and module by the item alone
+        if self.trains == "lm" and {self.section, self.record, self.module} != {self.name}:
+            raise ValueError(f"baseline {self.name!r}: section, record and module must all be its name")
 
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in (

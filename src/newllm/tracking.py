@@ -24,11 +24,9 @@ from typing import Any
 
 from filelock import FileLock
 
-from newllm.config import Params, flatten, params_hash, stage_params
+from newllm.config import Params, flatten, params_hash, stage_params, stages
 from newllm.errors import PipelineError
 
-METRICS_DIR = Path("reports/metrics")
-PLOTS_DIR = Path("reports/plots")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens a model-training experiment on its runs
 
 
@@ -135,14 +133,12 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_metrics(stage: str, metrics: dict[str, Any], root: Path = Path(".")) -> Path:
-    path = root / METRICS_DIR / f"{stage}.json"
+def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:
     _atomic_write(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def write_plot(name: str, rows: list[dict[str, Any]], root: Path = Path(".")) -> Path:
-    path = root / PLOTS_DIR / f"{name}.csv"
+def write_plot(path: Path, rows: list[dict[str, Any]]) -> Path:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -172,15 +168,14 @@ class StageRun:
     stage: str
     client: Any
     run_id: str
-    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    curve: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] | None = None
 
-    def log_step(self, values: dict[str, Any], step: int, curve: str | None = None) -> None:
-        """One point of a curve: to MLflow now, to `reports/plots/<curve>.csv` at the end."""
+    def log_step(self, values: dict[str, Any], step: int) -> None:
+        """One point of the stage's curve: to MLflow now, to its plots file (dvc.yaml) at the end."""
         from mlflow.entities import Metric
 
-        name = curve or self.stage
-        self.curves.setdefault(name, []).append({"step": step, **values})
+        self.curve.append({"step": step, **values})
         ts = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in _numeric(values).items()])
 
@@ -191,7 +186,7 @@ class StageRun:
         self.client.log_artifact(self.run_id, str(path))
 
     def finish(self, metrics: dict[str, Any]) -> None:
-        """Final metrics: written to `reports/metrics/<stage>.json` and mirrored to MLflow."""
+        """Final metrics: written to the stage's metrics file (dvc.yaml) and mirrored to MLflow."""
         self.final = metrics
 
 
@@ -205,6 +200,7 @@ def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
+    declared = stages(params)[stage]
     client, exp_id = init_store(params)
     tags = run_tags(params, stage)
     run = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags)
@@ -219,10 +215,10 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     try:
         _log_params(client, run_id, stage_params(params, stage))
         yield tracked
-        for name, rows in tracked.curves.items():
-            write_plot(name, rows)
-        if tracked.final is not None:
-            write_metrics(stage, tracked.final)
+        if tracked.curve and declared.plots_file is not None:
+            write_plot(declared.plots_file, tracked.curve)
+        if tracked.final is not None and declared.metrics_file is not None:
+            write_metrics(declared.metrics_file, tracked.final)
             client.log_batch(run_id, metrics=_final_metrics(tracked.final))
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated):
@@ -246,16 +242,18 @@ def _read_plot(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
-def sync(params: Params, stages: list[str], root: Path = Path(".")) -> list[str]:
+def sync(params: Params, records: list[str] | None = None) -> list[str]:
     """Replay the DVC metrics/plots files into MLflow as runs, one per (stage, params_hash) that the
-    store lacks, so an MLflow outage or a DVC run-cache restore never hides a result. Idempotent."""
+    store lacks, so an MLflow outage or a DVC run-cache restore never hides a result. Idempotent.
+    `records`: the stages to replay (default: every stage of dvc.yaml)."""
     from mlflow.entities import Metric
 
+    declared = stages(params)
     client, exp_id = init_store(params)
     created = []
-    for stage in stages:
-        metrics_file = root / METRICS_DIR / f"{stage}.json"
-        if not metrics_file.is_file():
+    for stage in records or list(declared):
+        metrics_file, plot = declared[stage].metrics_file, declared[stage].plots_file
+        if metrics_file is None or not metrics_file.is_file():
             continue
         phash = params_hash(params, stage)
         found = client.search_runs([exp_id], filter_string=(
@@ -268,7 +266,7 @@ def sync(params: Params, stages: list[str], root: Path = Path(".")) -> list[str]
         try:
             _log_params(client, run_id, stage_params(params, stage))
             ts = int(time.time() * 1000)
-            for plot in sorted((root / PLOTS_DIR).glob(f"{stage}*.csv")):
+            if plot is not None and plot.is_file():
                 batch = []
                 for row in _read_plot(plot):
                     step = int(float(row.pop("step", 0) or 0))

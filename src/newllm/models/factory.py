@@ -64,7 +64,11 @@ def load_model(name: str, vocab_size: int, root: Path = CHECKPOINTS) -> nn.Modul
     """A trained model rebuilt from its checkpoint alone, in eval mode; a damaged file, another model's
     or another vocabulary's checkpoint raises CheckpointError naming the file."""
     path = checkpoint_path(name, root)
-    state, meta = checkpoint.load(path, expect={"model": name, "vocab_size": vocab_size})
+    state, meta = checkpoint.load(path)
+    if "config" not in meta:
+        raise checkpoint.CheckpointError(f"{path} was written by an older version of the pipeline (no config "
+                                         "in it): rerun `dvc repro`")
+    checkpoint.check_meta(path, meta, {"model": name, "vocab_size": vocab_size})
     cls = model_class(name)
     # New-LLM's checkpoint already holds its embedding: never re-read GPT-2's pretrained matrix
     kwargs = {"load_pretrained": False} if spec(name).trains == "cvfp" else {}

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from newllm.config import Params, params_hash
+from newllm.config import Params, params_hash, stages
 from newllm.errors import PipelineError
 from newllm.registry import MODELS, by_record
 from newllm.report.document import Document
@@ -29,12 +29,12 @@ FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png")
 
 
 
-def loss_curves_figure(root: Path, stages: list[str]):
+def loss_curves_figure(root: Path, declared: dict, records: list[str]):
     """Val loss per epoch of every model on one figure (train dashed, same colour)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, stage in enumerate(stages):
-        curve = read_curve(root, stage)
+    for i, stage in enumerate(records):
+        curve = read_curve(root, declared[stage])
         if not curve:
             continue
         colour = f"C{i}"
@@ -82,20 +82,21 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     from newllm.report.probes import memory_figure, memory_vs_length
 
     cache = load_cache(root / "data" / "tokens")
-    stages = model_stages(params.baselines)
-    table, metrics = main_table(root, params.baselines)
+    declared = stages(params, root)
+    records = model_stages(params.baselines)
+    table, metrics = main_table(root, declared, params.baselines)
     scored = {display(s): m.get("val_tokens") for s, m in metrics.items()}
     if len(set(scored.values())) != 1:
         raise PipelineError(f"models were scored on different numbers of val tokens {scored}: rerun "
                             "`dvc repro` so every model goes through the same evaluation")
     rel = ratios(metrics)
     new = metrics[NEWLLM]
-    p1 = read_metrics(root, "phase1_cvfp")
-    data = read_metrics(root, "generate_dataset")
+    p1 = read_metrics(root, declared["phase1_cvfp"])
+    data = read_metrics(root, declared["generate_dataset"])
     figs = out_dir / "figures"
 
     torch.manual_seed(params.seed)
-    loaded = {s: load_model(by_record(s).name, cache.vocab_size, root / "data" / "checkpoints") for s in stages}
+    loaded = {s: load_model(by_record(s).name, cache.vocab_size, root / "data" / "checkpoints") for s in records}
     models = {display(s): model for s, model in loaded.items()}
 
     doc = Document("New-LLM comparison report")
@@ -104,7 +105,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         f"Dataset: `{params.dataset.source}` ({data['train_lines']:,} train / {data['val_lines']:,} val / "
         f"{data['test_lines']:,} test lines); tokenizer `{params.tokenizer.kind}`, vocabulary {cache.vocab_size:,}; "
         f"{len(cache.train):,} train and {len(cache.val):,} val tokens, the same for every model.",
-        f"Seed {params.seed}; git commit `{git_commit()[:7] or 'unknown'}`; params hash `{params_hash(params, 'report')}` (the report's MLflow tag).",
+        f"Seed {params.seed}; git commit `{git_commit()[:7] or 'unknown'}`; params hash `{params_hash(params, 'report', root)}` (the report's MLflow tag).",
         "Every model is evaluated by the same function on the same val tokens; losses are cross-entropy in "
         "nats per token, PPL = exp(loss), accuracy = top-1 next-token accuracy. Parameter counts include "
         "frozen parts (New-LLM's ContextBlock and embedding) and count tied matrices once.",
@@ -133,8 +134,8 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     doc.bullets(lines)
 
     doc.heading("Training curves")
-    doc.figure(_save(loss_curves_figure(root, stages), figs / FIGURES[0]), "Val (solid) and train (dashed) loss per epoch")
-    p1_curve = read_curve(root, "phase1_cvfp")
+    doc.figure(_save(loss_curves_figure(root, declared, records), figs / FIGURES[0]), "Val (solid) and train (dashed) loss per epoch")
+    p1_curve = read_curve(root, declared["phase1_cvfp"])
     history = [{"iteration": int(r["step"]), **r} for r in p1_curve]
     doc.figure(_save(phase1_curves(history), figs / FIGURES[1]), "Phase 1: Effective Rank % and convergence % per iteration")
     doc.text(f"Phase 1 ran {p1['iterations_run']} iterations: train ER {p1['train_er_pct']:.1f} % of "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from newllm.dag import Stage
 from newllm.errors import PipelineError
 from newllm.registry import MODELS, by_record
 
@@ -41,15 +42,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def read_metrics(root: Path, stage: str) -> dict[str, Any]:
-    path = root / "reports" / "metrics" / f"{stage}.json"
+def read_metrics(root: Path, stage: Stage) -> dict[str, Any]:
+    """A stage's final metrics, from the file dvc.yaml declares for it."""
+    path = root / stage.metrics_file
     if not path.is_file():
         raise PipelineError(f"missing {path}: run `dvc repro` so every model's stage has written its metrics")
     return json.loads(path.read_text())
 
 
-def read_curve(root: Path, stage: str) -> list[dict[str, float]]:
-    path = root / "reports" / "plots" / f"{stage}.csv"
+def read_curve(root: Path, stage: Stage) -> list[dict[str, float]]:
+    path = root / stage.plots_file
     if not path.is_file():
         return []
     with path.open() as f:
@@ -65,22 +67,24 @@ def display(record: str) -> str:
     return by_record(record).display
 
 
-def main_table(root: Path, baselines: list[str]) -> tuple[Table, dict[str, dict[str, Any]]]:
-    metrics = {s: read_metrics(root, s) for s in model_stages(baselines)}
+def main_table(root: Path, declared: dict[str, Stage], baselines: list[str]
+               ) -> tuple[Table, dict[str, dict[str, Any]]]:
+    """`declared`: dvc.yaml's stages (config.stages), which say where each stage's files are."""
+    metrics = {s: read_metrics(root, declared[s]) for s in model_stages(baselines)}
+    phase1_s = read_metrics(root, declared["phase1_cvfp"])["wall_time_s"]
     rows = []
     for stage, m in metrics.items():
         rows.append([display(stage), f"{m['params_trainable']:,} / {m['params_total']:,}", m["train_tokens"],
-                     m["val_loss"], m["val_ppl"], m["val_accuracy"], m["best_epoch"], train_wall_time(root, stage, m),
-                     m["tokens_per_s"]])
+                     m["val_loss"], m["val_ppl"], m["val_accuracy"], m["best_epoch"],
+                     train_wall_time(stage, m, phase1_s), m["tokens_per_s"]])
     return Table(COLUMNS, rows), metrics
 
 
-def train_wall_time(root: Path, stage: str, m: dict[str, Any]) -> float:
+def train_wall_time(stage: str, m: dict[str, Any], phase1_s: float) -> float:
     """New-LLM's training cost is Phase 1 + the context cache + Phase 2, not Phase 2 alone."""
     if by_record(stage).trains != "cvfp":
         return m["train_wall_time_s"]
-    return round(read_metrics(root, "phase1_cvfp")["wall_time_s"] + m.get("context_cache_s", 0.0)
-                 + m["train_wall_time_s"], 3)
+    return round(phase1_s + m.get("context_cache_s", 0.0) + m["train_wall_time_s"], 3)
 
 
 def ratios(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -38,8 +38,12 @@ def load(path: str | os.PathLike, expect: dict[str, Any] | None = None) -> tuple
     except Exception as e:  # torch raises many kinds for a damaged file (pickle, zip, runtime errors)
         raise CheckpointError(f"damaged checkpoint {path} ({type(e).__name__}: {e}); rerun `dvc repro -f` "
                               "on the stage that writes it") from None
-    for key, want in (expect or {}).items():
+    check_meta(path, meta, expect or {})
+    return state, meta
+
+
+def check_meta(path: str | os.PathLike, meta: dict[str, Any], expect: dict[str, Any]) -> None:
+    for key, want in expect.items():
         if meta.get(key) != want:
             raise CheckpointError(f"checkpoint {path} was written with {key}={meta.get(key)!r}, but the current "
                                   f"params give {want!r}; rerun the stage that writes it")
-    return state, meta
