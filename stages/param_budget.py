@@ -1,7 +1,8 @@
 """DVC stage: New-LLM's parameter count at the current params, and the budget each baseline is held to.
 
-Each baseline stage depends on its own data/budget/<name>.json, so a New-LLM param (context_dim=512)
-reruns the parameter-matched Transformer but not the LSTM or CVP, whose budget file does not change.
+Each baseline stage depends on its own data/budget/<name>.json (New-LLM's total when
+protocol.match_params), so a New-LLM size param (context_dim=512) reruns the baselines, while a New-LLM
+param that keeps its size (phase1.lr) reruns none of them.
 """
 
 import json
@@ -21,9 +22,7 @@ def main(params, run) -> None:
     trainable, total = count_params(Phase2Model(NewLLM.from_config(params, cache.vocab_size, load_pretrained=False)))
     OUT.mkdir(parents=True, exist_ok=True)
     for name in params.baselines:
-        # a baseline with a `match_params` knob is sized to New-LLM (dvc.yaml lists each such knob)
-        matched = getattr(getattr(params, name), "match_params", False)
-        budget = {"baseline": name, "target_params": total if matched else None}
+        budget = {"baseline": name, "target_params": total if params.protocol.match_params else None}
         (OUT / f"{name}.json").write_text(json.dumps(budget, indent=2) + "\n")
     run.finish({"newllm_params_total": total, "newllm_params_phase2_trainable": trainable,
                 "vocab_size": cache.vocab_size})

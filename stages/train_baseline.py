@@ -27,17 +27,18 @@ def main(params, run) -> None:
     cls = factory.model_class(NAME)
     target = json.loads(Path(f"data/budget/{NAME}.json").read_text())["target_params"]
     matched = {}
-    if target:  # the budget stage asks for New-LLM's size: the model says which knobs get it there
+    if target and hasattr(cls, "matched_config"):  # New-LLM's size: the model says which knobs get it there
         try:
             matched = cls.matched_config(cfg, cache.vocab_size, target)
         except ValueError as e:
-            raise PipelineError(f"{e}; set {spec.section}.match_params: false or change its size") from None
+            raise PipelineError(f"{NAME}: {e}; set protocol.match_params: false") from None
         cfg = dataclasses.replace(cfg, **matched)
     torch.manual_seed(params.seed)
     model = cls.from_config(cfg, cache.vocab_size)
     final, history = fit_lm(run, model, cache, cfg, seed=params.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size)
     factory.save_model(factory.checkpoint_path(NAME), NAME, model, cfg, cache.vocab_size)
+    final["matched"] = bool(matched)  # a baseline without a width search stays unmatched: no ratio
     if matched:
         final.update(**matched, matched_to_params=target)
     run.log_figure(lm_curves(history, NAME), f"{NAME}_curves.png")

@@ -84,10 +84,11 @@ def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
     char_run = next(r for r in runs["tokenize"] if r.data.tags["dvc.exp_name"] == "char-tok")
     assert char_run.data.params["tokenizer.kind"] == "char" and char_run.info.run_name == "tokenize:char-tok"
 
-    # A New-LLM param reruns both phases and the parameter-matched Transformer, nothing else.
+    # A New-LLM size param reruns both phases and every baseline (each is sized to New-LLM's params).
     ctx = run(["dvc", "exp", "run", "-n", "ctx32", "-S", "context_dim=32"], project)
     ran = _ran(ctx.stdout)
-    assert ran == {"phase1_cvfp", "phase2_train", "param_budget", "baseline@transformer", "report"}, ran
+    assert ran == {"phase1_cvfp", "phase2_train", "param_budget", "baseline@transformer", "baseline@lstm",
+                   "baseline@cvp", "report"}, ran
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
     assert "ctx32" in shown and "char-tok" in shown
     runs = _runs_by_stage(project)
@@ -95,7 +96,11 @@ def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
     assert p2["ctx32"].data.params["context_dim"] == "32" and p2["workspace"].data.params["context_dim"] == "16"
     assert [m.step for m in MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(
         p2["ctx32"].info.run_id, "val_loss")] == [1, 2]
-    assert len(runs["phase1_cvfp"]) == 3 and len(runs["lstm"]) == 2  # lstm reran only for the tokenizer change
+    assert len(runs["phase1_cvfp"]) == 3 and len(runs["lstm"]) == 3
+
+    # A New-LLM param that keeps its size reruns no baseline.
+    p1 = run(["dvc", "exp", "run", "-n", "p1lr", "-S", "phase1.lr=0.005"], project)
+    assert _ran(p1.stdout) == {"phase1_cvfp", "phase2_train", "report"}, p1.stdout
 
     # A model's own lr (each section has one) reruns that model only; the report follows its checkpoint.
     lr = run(["dvc", "exp", "run", "-n", "tlr", "-S", "transformer.lr=3e-4"], project)

@@ -95,6 +95,15 @@ class ReportConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    """How the comparison is made, for every model at once (printed at the top of the report)."""
+
+    # every baseline is sized to New-LLM's total parameter count (±10 %) by a width search; a baseline
+    # without one is reported as unmatched, with no ratio
+    match_params: bool = knob()
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = knob()  # None: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db
     experiment: str = knob()
@@ -126,6 +135,7 @@ class _Params:
     dataset: DatasetConfig = knob()
     tokenizer: TokenizerConfig = knob()
     phase1: Phase1Config = knob()
+    protocol: ProtocolConfig = knob()
     train: TrainDefaults = knob()  # type: ignore[valid-type]
     report: ReportConfig = knob()
     tracking: TrackingConfig = knob()

@@ -55,14 +55,13 @@ class Phase2Config(TrainConfig):
 class TransformerConfig(TrainConfig):
     n_layer: int = knob(lo=1)
     n_head: int = knob(lo=1)
-    n_embd: int = knob(lo=1)  # used as is when match_params is false
+    n_embd: int = knob(lo=1)  # used as is when protocol.match_params is false
     dropout: float = knob(lo=0.0, hi=1.0)
-    match_params: bool = knob()  # choose n_embd so total params are within ±10 % of New-LLM's
 
 
 @dataclass
 class LSTMConfig(TrainConfig):
-    embed_dim: int = knob(lo=1)
+    embed_dim: int = knob(lo=1)  # embed_dim and hidden_dim: as is when protocol.match_params is false
     hidden_dim: int = knob(lo=1)
     num_layers: int = knob(lo=1)
     dropout: float = knob(lo=0.0, hi=1.0)
@@ -71,7 +70,7 @@ class LSTMConfig(TrainConfig):
 
 @dataclass
 class CVPConfig(TrainConfig):
-    embed_dim: int = knob(lo=1)
+    embed_dim: int = knob(lo=1)  # the three widths: as is when protocol.match_params is false
     context_dim: int = knob(lo=1)
     hidden_dim: int = knob(lo=1)
     num_layers: int = knob(lo=1)

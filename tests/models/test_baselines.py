@@ -1,5 +1,7 @@
 """The three baseline models: parameter matching, shapes, causality, state carrying, CVP switches."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,3 +217,17 @@ def test_cvp_clip_bounds_the_state_and_norm_normalises_it():
 def test_cvp_positional_refuses_a_window_longer_than_its_table():
     with pytest.raises(ValueError, match="position table"):
         tiny("cvp", positional=True)(tokens(t=T + 1))
+
+
+@pytest.mark.parametrize("name, cls", [("lstm", LSTMLM), ("cvp", CVPLM), ("transformer", TransformerLM)])
+@pytest.mark.parametrize("target", [60_000, 363_778])
+def test_every_baseline_is_sized_to_the_target_within_10_percent(name, cls, target):
+    cfg = section(name, seq_len=T)
+    matched = cls.matched_config(cfg, V, target)
+    model = cls.from_config(dataclasses.replace(cfg, **matched), V)  # built for real, counted for real
+    assert abs(n_params(model) - target) <= 0.10 * target, (matched, n_params(model))
+
+
+def test_the_width_search_refuses_an_unreachable_target():
+    with pytest.raises(ValueError, match="no width within"):
+        LSTMLM.matched_config(section("lstm"), 33278, 1000)

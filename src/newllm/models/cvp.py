@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from newllm.models.sizing import match_width
 from newllm.registry import CVPConfig
 
 
@@ -59,6 +60,16 @@ class CVPLM(nn.Module):
     def from_config(cls, cfg: CVPConfig, vocab_size: int) -> CVPLM:
         return cls(vocab_size, cfg.embed_dim, cfg.context_dim, cfg.hidden_dim, cfg.num_layers, cfg.dropout,
                    cfg.context_norm, cfg.gating, cfg.context_clip, cfg.positional, cfg.seq_len)
+
+    @classmethod
+    def matched_config(cls, cfg: CVPConfig, vocab_size: int, target_params: int) -> dict[str, int]:
+        """Context and hidden width together, the embedding at half of it (the defaults' shape)."""
+        def build(w: int) -> CVPLM:
+            return cls(vocab_size, w // 2, w, w, cfg.num_layers, cfg.dropout, cfg.context_norm, cfg.gating,
+                       cfg.context_clip, cfg.positional, cfg.seq_len)
+
+        w = match_width(build, target_params)
+        return {"embed_dim": w // 2, "context_dim": w, "hidden_dim": w}
 
     @property
     def streamable(self) -> bool:

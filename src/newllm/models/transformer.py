@@ -77,8 +77,8 @@ class TransformerLM(nn.Module):
     def from_config(cls, cfg: TransformerConfig, vocab_size: int) -> TransformerLM:
         return cls(vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.seq_len, cfg.dropout)
 
-    @staticmethod
-    def matched_config(cfg: TransformerConfig, vocab_size: int, target_params: int) -> dict[str, int]:
+    @classmethod
+    def matched_config(cls, cfg: TransformerConfig, vocab_size: int, target_params: int) -> dict[str, int]:
         """The config changes that bring the model to ~target_params (±10 %): the width n_embd."""
         return {"n_embd": match_width(target_params, vocab_size, cfg.n_layer, cfg.n_head, cfg.seq_len)}
 

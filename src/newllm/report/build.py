@@ -13,7 +13,6 @@ from newllm.report.document import Document
 from newllm.report.figures import phase1_curves, pyplot
 from newllm.report.tables import (
     NEWLLM,
-    RATIO_BASELINES,
     Table,
     decision_band,
     display,
@@ -120,7 +119,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     doc.heading("Main table")
     doc.table(table)
     lines = []
-    for stage in RATIO_BASELINES:
+    for stage in records:
         if f"ppl_ratio_vs_{stage}" in rel:
             lines.append(f"New-LLM / {display(stage)}: val loss ratio {rel[f'loss_ratio_vs_{stage}']:.3f}, "
                          f"val PPL ratio {rel[f'ppl_ratio_vs_{stage}']:.3f} (below 1: New-LLM is better).")

@@ -13,7 +13,6 @@ from newllm.errors import PipelineError
 from newllm.registry import MODELS, by_record
 
 NEWLLM = MODELS["newllm"].record
-RATIO_BASELINES = ("transformer", "lstm")  # the report's New-LLM / baseline ratios (when they ran)
 COLUMNS = ["model", "params (trainable / total)", "train tokens", "val loss", "val PPL", "val accuracy",
            "best epoch", "train wall time (s)", "train tokens/s"]
 
@@ -74,7 +73,8 @@ def main_table(root: Path, declared: dict[str, Stage], baselines: list[str]
     phase1_s = read_metrics(root, declared["phase1_cvfp"])["wall_time_s"]
     rows = []
     for stage, m in metrics.items():
-        rows.append([display(stage), f"{m['params_trainable']:,} / {m['params_total']:,}", m["train_tokens"],
+        name = display(stage) + (" (unmatched)" if stage != NEWLLM and not m.get("matched") else "")
+        rows.append([name, f"{m['params_trainable']:,} / {m['params_total']:,}", m["train_tokens"],
                      m["val_loss"], m["val_ppl"], m["val_accuracy"], m["best_epoch"],
                      train_wall_time(stage, m, phase1_s), m["tokens_per_s"]])
     return Table(COLUMNS, rows), metrics
@@ -88,11 +88,12 @@ def train_wall_time(stage: str, m: dict[str, Any], phase1_s: float) -> float:
 
 
 def ratios(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """New-LLM / baseline ratios of val loss and PPL (below 1: New-LLM is better)."""
+    """New-LLM / baseline ratios of val loss and PPL (below 1: New-LLM is better), for every baseline sized
+    to New-LLM's parameter count; an unmatched one gets none."""
     out = {}
     new = metrics[NEWLLM]
-    for stage in RATIO_BASELINES:
-        if stage in metrics:
+    for stage, m in metrics.items():
+        if m.get("matched"):
             out[f"loss_ratio_vs_{stage}"] = new["val_loss"] / metrics[stage]["val_loss"]
             out[f"ppl_ratio_vs_{stage}"] = new["val_ppl"] / metrics[stage]["val_ppl"]
     return out
