@@ -1,11 +1,17 @@
-"""DVC stage: Phase 2 of CVFP, next-token training of the TokenBlock on the frozen, cached contexts."""
+"""DVC stage: Phase 2 of CVFP, next-token training of the TokenBlock on the frozen, cached contexts.
 
+`phase2_train.py newllm_phase1_off` is the Phase 1 control: the same Phase 2 on the embedding and
+ContextBlock left at their initialisation (the weights Phase 1 starts from, for the same seed).
+"""
+
+import sys
 import time
 from pathlib import Path
 
 from newllm.pipeline import run_stage
 
-TMP = Path("data/tmp/phase2_contexts")  # disk-backed context caches, removed when the stage ends
+NAME = sys.argv[1] if len(sys.argv) > 1 else "newllm"
+TMP = Path(f"data/tmp/{NAME}_contexts")  # disk-backed context caches, removed when the stage ends
 
 
 def context_storage(shape: tuple[int, ...], split: str):
@@ -43,14 +49,18 @@ def main(params, run) -> None:
 
     cache = load_cache()
     check_sizes(cache, params.phase2, "phase2", params.eval_batch_size)
-    phase1 = factory.PHASE1_CHECKPOINT
-    frozen, _ = checkpoint.load(phase1, expect=factory.context_hparams(params, cache.vocab_size))  # before compute
+    with_phase1 = factory.spec(NAME).trains == "cvfp"
+    if with_phase1:
+        phase1 = factory.PHASE1_CHECKPOINT
+        frozen, _ = checkpoint.load(phase1, expect=factory.context_hparams(params, cache.vocab_size))  # before compute
     torch.manual_seed(params.seed)
-    llm = NewLLM.from_config(params, cache.vocab_size, load_pretrained=False)  # the checkpoint holds the embedding
-    missing, unexpected = llm.load_state_dict(frozen, strict=False)
-    if unexpected or any(k.startswith(("embedding.", "context_block.")) for k in missing):
-        raise CheckpointError(f"{phase1} does not hold a ContextBlock for these params "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # with Phase 1 its checkpoint holds the embedding; without, GPT-2's matrix (if chosen) is read here
+    llm = NewLLM.from_config(params, cache.vocab_size, load_pretrained=not with_phase1)
+    if with_phase1:
+        missing, unexpected = llm.load_state_dict(frozen, strict=False)
+        if unexpected or any(k.startswith(("embedding.", "context_block.")) for k in missing):
+            raise CheckpointError(f"{phase1} does not hold a ContextBlock for these params "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     device = resolve_device(params.device)
     llm.to(device)
     model = Phase2Model(llm)  # freezes embedding + ContextBlock
@@ -72,12 +82,13 @@ def main(params, run) -> None:
     cache_s = time.perf_counter() - t0
     final, history = fit_lm(run, model, cache, params.phase2, seed=params.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size, extras=extras)
-    factory.save_model(factory.checkpoint_path("newllm"), "newllm", llm,
-                       {k: getattr(params, k) for k in NEWLLM_KEYS}, cache.vocab_size)
-    run.log_figure(lm_curves(history, "phase2_train"), "phase2_train_curves.png")
+    factory.save_model(factory.checkpoint_path(NAME), NAME, llm, {k: getattr(params, k) for k in NEWLLM_KEYS},
+                       cache.vocab_size)
+    record = factory.spec(NAME).record
+    run.log_figure(lm_curves(history, record), f"{record}_curves.png")
     final["context_cache_s"] = round(cache_s, 3)
     run.finish(final)
-    print(f"phase2_train: best val loss {final['val_loss']:.4f} (PPL {final['val_ppl']:.2f}, acc "
+    print(f"{record}: best val loss {final['val_loss']:.4f} (PPL {final['val_ppl']:.2f}, acc "
           f"{final['val_accuracy']:.2%}) at epoch {final['best_epoch']}; {final['params_trainable']:,} trainable "
           f"of {final['params_total']:,} params")
 
@@ -86,6 +97,10 @@ if __name__ == "__main__":
     import shutil
 
     try:
-        run_stage("phase2_train", main)
+        from newllm.registry import MODELS
+
+        if MODELS.get(NAME) is None or MODELS[NAME].trains not in ("cvfp", "phase2"):
+            sys.exit("usage: phase2_train.py [newllm|newllm_phase1_off]")
+        run_stage(MODELS[NAME].record, main)
     finally:
         shutil.rmtree(TMP, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""DVC stage `baseline@<name>`: train one registered baseline (registry.py) on the shared token cache."""
+"""DVC stage `baseline@<name>` (or a control such as `end_to_end`): train one registered model that trains
+as a language model (registry.py, `trains: lm`) with the generic trainer on the shared token cache."""
 
 import sys
 
@@ -14,6 +15,7 @@ def main(params, run) -> None:
 
     import torch
 
+    from newllm.config import NEWLLM_KEYS
     from newllm.data.token_cache import load_cache
     from newllm.errors import PipelineError
     from newllm.models import factory
@@ -25,31 +27,36 @@ def main(params, run) -> None:
     cfg = getattr(params, spec.section)
     check_sizes(cache, cfg, spec.section, params.eval_batch_size)
     cls = factory.model_class(NAME)
-    target = json.loads(Path(f"data/budget/{NAME}.json").read_text())["target_params"]
     matched = {}
-    if target and hasattr(cls, "matched_config"):  # New-LLM's size: the model says which knobs get it there
-        try:
-            matched = cls.matched_config(cfg, cache.vocab_size, target)
-        except ValueError as e:
-            raise PipelineError(f"{NAME}: {e}; set protocol.match_params: false") from None
-        cfg = dataclasses.replace(cfg, **matched)
+    if spec.role == "baseline":
+        target = json.loads(Path(f"data/budget/{NAME}.json").read_text())["target_params"]
+        if target and hasattr(cls, "matched_config"):  # New-LLM's size: the model says which knobs reach it
+            try:
+                matched = cls.matched_config(cfg, cache.vocab_size, target)
+            except ValueError as e:
+                raise PipelineError(f"{NAME}: {e}; set protocol.match_params: false") from None
+            cfg = dataclasses.replace(cfg, **matched)
+    # a control of New-LLM is New-LLM's network (its top-level params), trained with this section's knobs
+    arch = {k: getattr(params, k) for k in NEWLLM_KEYS} if spec.arch == "newllm" else cfg
     torch.manual_seed(params.seed)
-    model = cls.from_config(cfg, cache.vocab_size)
+    model = cls.from_config(params if spec.arch == "newllm" else cfg, cache.vocab_size)
     final, history = fit_lm(run, model, cache, cfg, seed=params.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size)
-    factory.save_model(factory.checkpoint_path(NAME), NAME, model, cfg, cache.vocab_size)
-    final["matched"] = bool(matched)  # a baseline without a width search stays unmatched: no ratio
+    factory.save_model(factory.checkpoint_path(NAME), NAME, model, arch, cache.vocab_size)
+    if spec.role == "baseline":
+        final["matched"] = bool(matched)  # a baseline without a width search stays unmatched: no ratio
     if matched:
         final.update(**matched, matched_to_params=target)
-    run.log_figure(lm_curves(history, NAME), f"{NAME}_curves.png")
+    run.log_figure(lm_curves(history, spec.record), f"{spec.record}_curves.png")
     run.finish(final)
     print(f"{NAME}: best val loss {final['val_loss']:.4f} (PPL {final['val_ppl']:.2f}) at epoch "
           f"{final['best_epoch']}, {final['params_total']:,} params")
 
 
 if __name__ == "__main__":
-    from newllm.registry import BASELINES
+    from newllm.registry import MODELS
 
-    if NAME not in BASELINES:  # never let a wrong name reach run_stage, which removes that stage's outputs
-        sys.exit(f"usage: train_baseline.py {{{','.join(BASELINES)}}}")
-    run_stage(NAME, main)
+    LM = [name for name, s in MODELS.items() if s.trains == "lm"]
+    if NAME not in LM:  # never let a wrong name reach run_stage, which removes that stage's outputs
+        sys.exit(f"usage: train_baseline.py {{{','.join(LM)}}}")
+    run_stage(MODELS[NAME].record, main)

@@ -25,10 +25,10 @@ TINY_PARAMS = {
     "dataset": {"num_sentences": 60},
     "context_dim": 16, "embed_dim": 16, "context_layers": 2, "token_layers": 2,
     "phase1": {"iterations": 3},
-    "phase2": {"epochs": 2, "batch_size": 4, "seq_len": 8},
-    "transformer": {"epochs": 2, "batch_size": 4, "seq_len": 8, "n_layer": 1, "n_head": 2},
-    "lstm": {"epochs": 2, "batch_size": 4, "seq_len": 8, "embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
-    "cvp": {"epochs": 2, "batch_size": 4, "seq_len": 8, "embed_dim": 16, "context_dim": 16, "hidden_dim": 16},
+    "train": {"epochs": 2, "batch_size": 4, "seq_len": 8},
+    "transformer": {"n_layer": 1, "n_head": 2},
+    "lstm": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
+    "cvp": {"embed_dim": 16, "context_dim": 16, "hidden_dim": 16},
     "report": {"memory_lengths": [64, 128], "max_new_tokens": 5},
 }
 

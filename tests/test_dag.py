@@ -8,7 +8,7 @@ import pytest
 from helpers import REPO, default_params
 
 from newllm.config import stages
-from newllm.models.factory import spec
+from newllm.registry import MODELS
 
 SRC = REPO / "src"
 # Imported by stages but unable to change a result (dvc.yaml's header says why); not deps. The training
@@ -68,8 +68,9 @@ def test_code_deps_are_the_imports_of_the_stage(record):
     entry = REPO / stage.deps[0]
     assert entry.parent.name == "stages" and entry.is_file(), f"{stage.name}: its entry file comes first"
     imported = import_closure(entry)
-    if stage.name.startswith("baseline@"):  # the factory imports the model's module by its registry entry
-        imported.add(f"newllm/models/{spec(record).module}.py")
+    for arg in stage.cmd.split()[2:]:  # the factory imports a named model's module by its registry entry
+        if arg in MODELS:
+            imported.add(f"newllm/models/{MODELS[arg].module}.py")
     needed = imported - NOT_DEPS | ({REPORT_FIGURES, "newllm/registry.py"} if record == "report" else set())
     deps = {d.removeprefix("src/") for d in stage.deps if d.startswith("src/")}
     missing = sorted(f for f in needed if not _covered(f, deps))

@@ -33,7 +33,8 @@ def _check_report(project: Path) -> None:
     rows = [line.strip("|").split("|") for line in md.split("## Main table")[1].split("##")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| model")]
     stages = {"New-LLM": "phase2_train", "Transformer": "baselines/transformer", "LSTM": "baselines/lstm",
-              "CVP": "baselines/cvp"}
+              "CVP": "baselines/cvp", "New-LLM, Phase 1 off": "controls/phase1_off",
+              "New-LLM, end-to-end": "controls/end_to_end"}
     assert [r[0].strip() for r in rows] == list(stages)
     for row in rows:
         m = json.loads((project / f"reports/metrics/{stages[row[0].strip()]}.json").read_text())
@@ -88,7 +89,7 @@ def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
     ctx = run(["dvc", "exp", "run", "-n", "ctx32", "-S", "context_dim=32"], project)
     ran = _ran(ctx.stdout)
     assert ran == {"phase1_cvfp", "phase2_train", "param_budget", "baseline@transformer", "baseline@lstm",
-                   "baseline@cvp", "report"}, ran
+                   "baseline@cvp", "phase1_off", "end_to_end", "report"}, ran
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
     assert "ctx32" in shown and "char-tok" in shown
     runs = _runs_by_stage(project)
@@ -193,4 +194,4 @@ def test_touching_one_model_file_reruns_only_its_stage_and_the_report(project: P
     with (project / "src/newllm/training/phase1.py").open("a") as f:
         f.write("# touched\n")
     status = yaml.safe_load(run(["dvc", "status", "--json"], project).stdout) or {}
-    assert sorted(status) == ["baseline@lstm", "phase1_cvfp", "phase2_train", "report"], status
+    assert sorted(status) == ["baseline@lstm", "phase1_cvfp", "phase1_off", "phase2_train", "report"], status

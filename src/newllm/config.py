@@ -141,9 +141,13 @@ class _Params:
     tracking: TrackingConfig = knob()
 
 
-# One section per registered model (phase2, transformer, lstm, cvp), typed by its registry entry.
+# One section per registered model (phase2, transformer, ...), typed by its registry entry; a control may
+# share New-LLM's (the Phase 1 off control trains with phase2's knobs).
+SECTIONS: dict[str, Any] = {}
+for _spec in MODELS.values():
+    SECTIONS.setdefault(_spec.section, _spec)
 Params = dataclasses.make_dataclass(
-    "Params", [(s.section, s.config, knob()) for s in MODELS.values()], bases=(_Params,),
+    "Params", [(name, s.config, knob()) for name, s in SECTIONS.items()], bases=(_Params,),
     namespace={"__doc__": "Every key of params.yaml, validated (see registry.py for the model sections)."})
 
 NEWLLM_KEYS = ("context_dim", "embed_dim", "context_layers", "token_layers", "token_plan", "context_norm",
@@ -211,15 +215,14 @@ def parse_params(raw: Any) -> Any:
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
         raise ConfigError(f"params.yaml: unknown key '{unknown[0]}' (allowed: {', '.join(allowed)})")
-    sections = {s.section for s in MODELS.values()}
-    base = build(_Params, {k: v for k, v in raw.items() if k not in sections})  # model sections: below
+    base = build(_Params, {k: v for k, v in raw.items() if k not in SECTIONS})  # model sections: below
     defaults = dataclasses.asdict(base.train)
     values = {f.name: getattr(base, f.name) for f in dataclasses.fields(_Params)}
-    for spec in MODELS.values():
-        if spec.section not in raw:
-            raise ConfigError(f"params.yaml: missing section '{spec.section}' (the {spec.display} model)")
-        values[spec.section] = build(spec.config, raw[spec.section], f"{spec.section}.",
-                                     inherited=defaults if issubclass(spec.config, TrainConfig) else None)
+    for section, spec in SECTIONS.items():
+        if section not in raw:
+            raise ConfigError(f"params.yaml: missing section '{section}' (the {spec.display} model)")
+        values[section] = build(spec.config, raw[section], f"{section}.",
+                                inherited=defaults if issubclass(spec.config, TrainConfig) else None)
     params = Params(**values)
     _cross_checks(params)
     return params

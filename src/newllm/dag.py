@@ -25,6 +25,7 @@ DVC_YAML = "dvc.yaml"
 class Stage:
     name: str  # DVC's: "tokenize", "baseline@lstm"
     record: str  # its metrics/plots file and MLflow `dvc.stage` tag: "tokenize", "lstm"
+    cmd: str
     params: tuple[str, ...]
     deps: tuple[str, ...]
     outs: tuple[str, ...]  # cached outputs (removed when the stage fails)
@@ -57,7 +58,7 @@ def _substitute(node: Any, item: str) -> Any:
 
 
 def _stage(name: str, record: str, body: dict[str, Any]) -> Stage:
-    return Stage(name, record, _paths(body.get("params")), _paths(body.get("deps")), _paths(body.get("outs")),
+    return Stage(name, record, body.get("cmd", ""), _paths(body.get("params")), _paths(body.get("deps")), _paths(body.get("outs")),
                  _paths(body.get("metrics")) + _paths(body.get("plots")))
 
 

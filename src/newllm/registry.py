@@ -52,6 +52,11 @@ class Phase2Config(TrainConfig):
 
 
 @dataclass
+class EndToEndConfig(TrainConfig):
+    """The end-to-end control: New-LLM's network (top-level params), trained like the LSTM."""
+
+
+@dataclass
 class TransformerConfig(TrainConfig):
     n_layer: int = knob(lo=1)
     n_head: int = knob(lo=1)
@@ -88,9 +93,14 @@ class ModelSpec:
     display: str  # its name in the report
     config: type  # the dataclass of its params section
     model_class: str  # in newllm.models.<module>: from_config(cfg, vocab_size) -> nn.Module
-    # lm: one stage, the generic trainer on the token stream (`baseline@<name>`);
-    # cvfp: Phase 1 (fixed-point training of the ContextBlock) then Phase 2 (the generic trainer)
-    trains: Literal["lm", "cvfp"] = "lm"
+    # lm: one stage, the generic trainer on the token stream, state carried across windows (truncated BPTT);
+    # cvfp: Phase 1 (fixed-point training of the ContextBlock) then Phase 2 (the generic trainer on the
+    # frozen block's cached contexts); phase2: Phase 2 alone, on the block left at its initialisation
+    trains: Literal["lm", "cvfp", "phase2"] = "lm"
+    # what it is in the comparison: the model under study, a baseline (params.yaml's `baselines` lists
+    # which run), or a control of New-LLM that removes one mechanism (always run, always reported)
+    role: Literal["newllm", "baseline", "control"] = "baseline"
+    arch: Literal["section", "newllm"] = "section"  # where its architecture knobs are: its section or New-LLM's
     section: str = ""  # params section; default: name
     record: str = ""  # its metrics/plots/checkpoint/MLflow stage name; default: name
     module: str = ""  # newllm.models.<module>; default: name
@@ -101,19 +111,26 @@ class ModelSpec:
             if not getattr(self, attr):
                 object.__setattr__(self, attr, self.name)
         # dvc.yaml's `baseline` foreach names a baseline's section, files and module by the item alone
-        if self.trains == "lm" and {self.section, self.record, self.module} != {self.name}:
+        if self.role == "baseline" and {self.section, self.record, self.module} != {self.name}:
             raise ValueError(f"baseline {self.name!r}: section, record and module must all be its name")
 
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in (
-    ModelSpec("newllm", "New-LLM", Phase2Config, "NewLLM", trains="cvfp", section="phase2",
-              record="phase2_train", module="cvfp"),
+    ModelSpec("newllm", "New-LLM", Phase2Config, "NewLLM", trains="cvfp", role="newllm", arch="newllm",
+              section="phase2", record="phase2_train", module="cvfp"),
+    # Controls: New-LLM with one mechanism removed, to show what that mechanism is worth.
+    ModelSpec("newllm_phase1_off", "New-LLM, Phase 1 off", Phase2Config, "NewLLM", trains="phase2",
+              role="control", arch="newllm", section="phase2", record="phase1_off", module="cvfp",
+              memory_probe=False),  # the same state as New-LLM's: the probe would repeat its row
+    ModelSpec("newllm_end_to_end", "New-LLM, end-to-end", EndToEndConfig, "NewLLM", role="control",
+              arch="newllm", section="end_to_end", record="end_to_end", module="cvfp", memory_probe=False),
     ModelSpec("transformer", "Transformer", TransformerConfig, "TransformerLM"),
     ModelSpec("lstm", "LSTM", LSTMConfig, "LSTMLM"),
     ModelSpec("cvp", "CVP", CVPConfig, "CVPLM", memory_probe=False),
 )}
 
-BASELINES = tuple(name for name, s in MODELS.items() if s.trains == "lm")  # what `baselines` may list
+BASELINES = tuple(name for name, s in MODELS.items() if s.role == "baseline")  # what `baselines` may list
+CONTROLS = tuple(name for name, s in MODELS.items() if s.role == "control")
 
 
 def by_record(record: str) -> ModelSpec:

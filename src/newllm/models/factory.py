@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,9 +39,9 @@ def model_class(name: str) -> type[nn.Module]:
 
 
 def checkpoint_path(name: str, root: Path = CHECKPOINTS) -> Path:
-    """New-LLM's full model is Phase 2's output; each baseline's lives under baselines/ (the report's dep)."""
+    """New-LLM's full model is Phase 2's output; baselines and controls live under baselines/ and controls/."""
     s = spec(name)
-    return Path(root) / (f"{s.record}.pt" if s.trains == "cvfp" else f"baselines/{s.record}.pt")
+    return Path(root) / {"newllm": "", "baseline": "baselines/", "control": "controls/"}[s.role] / f"{s.record}.pt"
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
@@ -70,8 +71,8 @@ def load_model(name: str, vocab_size: int, root: Path = CHECKPOINTS) -> nn.Modul
                                          "in it): rerun `dvc repro`")
     checkpoint.check_meta(path, meta, {"model": name, "vocab_size": vocab_size})
     cls = model_class(name)
-    # New-LLM's checkpoint already holds its embedding: never re-read GPT-2's pretrained matrix
-    kwargs = {"load_pretrained": False} if spec(name).trains == "cvfp" else {}
+    # a checkpoint already holds its embedding: never re-read GPT-2's pretrained matrix (New-LLM's option)
+    kwargs = {"load_pretrained": False} if "load_pretrained" in inspect.signature(cls.from_config).parameters else {}
     try:
         model = cls.from_config(SimpleNamespace(**meta["config"]), vocab_size, **kwargs)
         model.load_state_dict(state)

@@ -8,7 +8,7 @@ from typing import Any
 
 from newllm.config import Params, params_hash, stages
 from newllm.errors import PipelineError
-from newllm.registry import MODELS, by_record
+from newllm.registry import CONTROLS, MODELS, by_record
 from newllm.report.document import Document
 from newllm.report.figures import phase1_curves, pyplot
 from newllm.report.tables import (
@@ -123,6 +123,12 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         if f"ppl_ratio_vs_{stage}" in rel:
             lines.append(f"New-LLM / {display(stage)}: val loss ratio {rel[f'loss_ratio_vs_{stage}']:.3f}, "
                          f"val PPL ratio {rel[f'ppl_ratio_vs_{stage}']:.3f} (below 1: New-LLM is better).")
+    for control in CONTROLS:
+        c = metrics[MODELS[control].record]
+        gap = c["val_loss"] - new["val_loss"]
+        verdict = "New-LLM is better" if gap > 0 else "the control is as good or better"
+        lines.append(f"Control **{MODELS[control].display}**: val loss {c['val_loss']:.4f} against New-LLM's "
+                     f"{new['val_loss']:.4f} (control - New-LLM = {gap:+.4f} nats/token: {verdict}).")
     lines.append(f"New-LLM's train wall time counts Phase 1 ({p1['wall_time_s']:.2f} s), the context cache "
                  f"({new.get('context_cache_s', 0.0):.2f} s) and Phase 2 ({new['train_wall_time_s']:.2f} s); its "
                  "tokens/s is Phase 2's, on cached contexts.")
@@ -172,7 +178,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     mem = {re.sub(r"[^a-z0-9]+", "_", f"{r['model']} {r.get('method', '')} peak bytes at {longest}".lower()):
            r["peak_bytes"] for r in rows if r["length"] == longest and isinstance(r.get("peak_bytes"), (int, float))}
     result = {"newllm_val_ppl": new["val_ppl"], "newllm_val_loss": new["val_loss"],
-              **{f"{s}_val_ppl": metrics[s]["val_ppl"] for s in params.baselines},
+              **{f"{s}_val_ppl": metrics[s]["val_ppl"] for s in records[1:]},
               **{k: round(v, 4) for k, v in rel.items()}, "decision_band": band, **mem,
               "fixed_point_steps_mean": fp["convergence"].get("steps_mean"),
               "single_vs_iterated_cosine": fp["single_vs_iterated"].get("cosine")}

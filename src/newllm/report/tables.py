@@ -10,7 +10,7 @@ from typing import Any
 
 from newllm.dag import Stage
 from newllm.errors import PipelineError
-from newllm.registry import MODELS, by_record
+from newllm.registry import CONTROLS, MODELS, by_record
 
 NEWLLM = MODELS["newllm"].record
 COLUMNS = ["model", "params (trainable / total)", "train tokens", "val loss", "val PPL", "val accuracy",
@@ -58,8 +58,8 @@ def read_curve(root: Path, stage: Stage) -> list[dict[str, float]]:
 
 
 def model_stages(baselines: list[str]) -> list[str]:
-    """The records (metrics/plots names) of the models the report compares: New-LLM, then `baselines`."""
-    return [NEWLLM, *(MODELS[b].record for b in baselines)]
+    """The records (metrics/plots names) of the models the report compares: New-LLM, `baselines`, controls."""
+    return [NEWLLM, *(MODELS[b].record for b in baselines), *(MODELS[c].record for c in CONTROLS)]
 
 
 def display(record: str) -> str:
@@ -73,7 +73,8 @@ def main_table(root: Path, declared: dict[str, Stage], baselines: list[str]
     phase1_s = read_metrics(root, declared["phase1_cvfp"])["wall_time_s"]
     rows = []
     for stage, m in metrics.items():
-        name = display(stage) + (" (unmatched)" if stage != NEWLLM and not m.get("matched") else "")
+        unmatched = by_record(stage).role == "baseline" and not m.get("matched")
+        name = display(stage) + (" (unmatched)" if unmatched else "")
         rows.append([name, f"{m['params_trainable']:,} / {m['params_total']:,}", m["train_tokens"],
                      m["val_loss"], m["val_ppl"], m["val_accuracy"], m["best_epoch"],
                      train_wall_time(stage, m, phase1_s), m["tokens_per_s"]])
@@ -82,9 +83,10 @@ def main_table(root: Path, declared: dict[str, Stage], baselines: list[str]
 
 def train_wall_time(stage: str, m: dict[str, Any], phase1_s: float) -> float:
     """New-LLM's training cost is Phase 1 + the context cache + Phase 2, not Phase 2 alone."""
-    if by_record(stage).trains != "cvfp":
+    trains = by_record(stage).trains
+    if trains == "lm":
         return m["train_wall_time_s"]
-    return round(phase1_s + m.get("context_cache_s", 0.0) + m["train_wall_time_s"], 3)
+    return round((phase1_s if trains == "cvfp" else 0.0) + m.get("context_cache_s", 0.0) + m["train_wall_time_s"], 3)
 
 
 def ratios(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:
