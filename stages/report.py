@@ -13,7 +13,7 @@ def main(params, run) -> None:
     result = build_report(params, Path("."), OUT)
     run.log_artifact(OUT / "report.html")
     run.finish(result)
-    print(f"report: {OUT / 'report.html'} (New-LLM val PPL {result['newllm_val_ppl']:.2f}, {result['decision_band']})")
+    print(f"report: {OUT / 'report.html'} (New-LLM test PPL {result['newllm_test_ppl']:.2f}, {result['decision_band']})")
 
 
 if __name__ == "__main__":

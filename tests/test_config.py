@@ -57,6 +57,8 @@ def test_a_model_section_inherits_train_and_may_override_it():
         ({"train": {"lr": 0.1}}, "unknown key 'train.lr'"),  # lr is per model
         ({"lstm": {"epochs": "many"}}, "lstm.epochs must be an integer"),  # an override is validated too
         ({"baselines": ["transformer", "transformer"]}, "baselines has duplicates"),
+        ({"baselines": []}, "baselines is empty"),
+        ({"dataset": {"test_fraction": 0.0}}, "dataset.test_fraction must be > 0 for source template"),
     ],
 )
 def test_validation_errors_name_the_key(raw, message):

@@ -40,11 +40,12 @@ def _check_report(project: Path) -> None:
         m = json.loads((project / f"reports/metrics/{stages[row[0].strip()]}.json").read_text())
         cells = [c.strip() for c in row]
         assert cells[1] == f"{m['params_trainable']:,} / {m['params_total']:,}"
-        assert cells[2:6] == [_fmt(m["train_tokens"]), _fmt(m["val_loss"]), _fmt(m["val_ppl"]), _fmt(m["val_accuracy"])]
-        assert cells[6] == _fmt(m["best_epoch"])
+        assert cells[2:4] == [_fmt(m["train_tokens"]), _fmt(m["optimizer_steps"])]
+        assert cells[4].startswith(f"{m['best_epoch']} / {m['epochs_run']}")
+        assert cells[5:9] == [_fmt(m["val_loss"]), _fmt(m["test_loss"]), _fmt(m["test_ppl"]), _fmt(m["test_accuracy"])]
     report = json.loads((project / "reports/metrics/report.json").read_text())
     p2 = json.loads((project / "reports/metrics/phase2_train.json").read_text())
-    assert report["newllm_val_ppl"] == p2["val_ppl"]
+    assert report["newllm_test_ppl"] == p2["test_ppl"] and report["newllm_val_ppl"] == p2["val_ppl"]
     if find_chromium() is None:  # CI installs Debian's chromium (.ci/run); elsewhere the check is optional
         assert not os.environ.get("CI"), "CI must have chromium for the report's browser check"
         warnings.warn("no chromium binary: report.html was not rendered in a browser", stacklevel=1)

@@ -184,6 +184,13 @@ def _cross_checks(p: Any) -> None:
     if d.source == "hf" and not d.hf_name:
         raise ConfigError("params.yaml: dataset.hf_name is required with dataset.source hf "
                           "(e.g. HuggingFaceH4/ultrachat_200k)")
+    if d.source == "text" and d.train_path is not None and d.test_path is None:
+        raise ConfigError("params.yaml: dataset.test_path is required with dataset.train_path (test is the "
+                          "report's headline; val only selects)")
+    if d.source in ("template", "hf") or (d.source == "text" and d.path is not None):
+        if d.test_fraction <= 0:
+            raise ConfigError(f"params.yaml: dataset.test_fraction must be > 0 for source {d.source} (test is "
+                              f"the report's headline; val only selects), got {d.test_fraction}")
     if d.val_fraction + d.test_fraction >= 1.0:
         raise ConfigError("params.yaml: dataset.val_fraction + dataset.test_fraction must be < 1, got "
                           f"{d.val_fraction} + {d.test_fraction}")

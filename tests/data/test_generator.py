@@ -23,14 +23,14 @@ def test_type_counts_and_length_ranges():
 
 def test_stats_land_near_the_research_file():
     stats = split_stats(load_splits(section("dataset"), seed=0))
-    assert (stats["train_lines"], stats["val_lines"]) == (400, 100)
+    assert (stats["train_lines"], stats["val_lines"], stats["test_lines"]) == (350, 75, 75)
     assert abs(stats["tokens"] - 4986) < 150
     assert abs(stats["distinct_words"] - 252) <= 10
     assert 9.5 <= stats["mean_words_per_line"] <= 10.5
 
 
 def test_deterministic_from_seed_and_splits_disjoint():
-    a, b, c = (load_splits(section("dataset", test_fraction=0.1), seed=s) for s in (7, 7, 8))
+    a, b, c = (load_splits(section("dataset", val_fraction=0.2, test_fraction=0.1), seed=s) for s in (7, 7, 8))
     assert (a.train, a.val, a.test) == (b.train, b.val, b.test)
     assert a.train != c.train
     assert not set(a.train) & set(a.val) and not set(a.train) & set(a.test) and not set(a.val) & set(a.test)

@@ -47,6 +47,26 @@ def loss_curves_figure(root: Path, declared: dict, records: list[str]):
     return fig
 
 
+def answer(metrics: dict[str, dict[str, Any]], rel: dict[str, float], records: list[str]) -> str:
+    """The report's first sentence: New-LLM against the matched Transformer on test, then the controls."""
+    new = metrics[NEWLLM]
+    parts = []
+    if "test_ppl_ratio_vs_transformer" in rel:
+        t = metrics["transformer"]
+        parts.append(f"On test, New-LLM's perplexity is {new['test_ppl']:.2f} against {t['test_ppl']:.2f} for the "
+                     f"parameter-matched Transformer: {rel['test_ppl_ratio_vs_transformer']:.3f}x "
+                     f"({'better' if rel['test_ppl_ratio_vs_transformer'] < 1 else 'worse'}).")
+    else:
+        parts.append(f"On test, New-LLM's perplexity is {new['test_ppl']:.2f} (no matched Transformer in this run).")
+    for control in CONTROLS:
+        c = metrics[MODELS[control].record]
+        gap = c["test_loss"] - new["test_loss"]
+        parts.append(f"{MODELS[control].display}: test loss {c['test_loss']:.4f} vs New-LLM's {new['test_loss']:.4f} "
+                     f"({gap:+.4f} nats/token; {'New-LLM is better' if gap > 0 else 'the control is as good or better'}).")
+    parts.append("All from one seed: no seed spread is measured yet, so small differences may be noise.")
+    return " ".join(parts)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -99,43 +119,47 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     models = {display(s): model for s, model in loaded.items()}
 
     doc = Document("New-LLM comparison report")
-    doc.heading("How to read this")
+    doc.text(answer(metrics, rel, records))
+    doc.heading("Protocol")
     doc.bullets([
         f"Dataset: `{params.dataset.source}` ({data['train_lines']:,} train / {data['val_lines']:,} val / "
         f"{data['test_lines']:,} test lines); tokenizer `{params.tokenizer.kind}`, vocabulary {cache.vocab_size:,}; "
-        f"{len(cache.train):,} train and {len(cache.val):,} val tokens, the same for every model.",
-        f"Seed {params.seed}; git commit `{git_commit()[:7] or 'unknown'}`; params hash `{params_hash(params, 'report', root)}` (the report's MLflow tag).",
-        "Every model is evaluated by the same function on the same val tokens; losses are cross-entropy in "
-        "nats per token, PPL = exp(loss), accuracy = top-1 next-token accuracy. Parameter counts include "
-        "frozen parts (New-LLM's ContextBlock and embedding) and count tied matrices once.",
+        f"{len(cache.train):,} train, {len(cache.val):,} val and {len(cache.test):,} test tokens, the same for "
+        "every model.",
+        "Val selects (early stopping and the best epoch, whose weights are kept); **test is the headline** of "
+        f"every table, ratio and sentence. Every model trains until {params.train.patience} epochs without a "
+        f"val improvement, capped at {params.train.epochs} epochs; a model whose best epoch is its last is "
+        "flagged undertrained.",
+        "Every baseline is sized to New-LLM's total parameter count (±10 %) by a width search."
+        if params.protocol.match_params else "Baselines are NOT sized to New-LLM (protocol.match_params: false).",
+        f"Seed {params.seed}; git commit `{git_commit()[:7] or 'unknown'}`; params hash "
+        f"`{params_hash(params, 'report', root)}` (the report's MLflow tag).",
+        "Every model is evaluated by the same function on the same val and test tokens; losses are "
+        "cross-entropy in nats per token, PPL = exp(loss), accuracy = top-1 next-token accuracy. Parameter "
+        "counts include frozen parts (New-LLM's ContextBlock and embedding) and count tied matrices once.",
         f"New-LLM's input embedding is `{params.embedding}`: "
         + ("trained in Phase 1 by the fixed-point objective together with the ContextBlock, then frozen, so it "
            "never receives a next-token gradient (the baselines train theirs end to end)."
            if params.embedding == "learned" else "GPT-2's pretrained matrix, frozen throughout.")
         + f" Val/test contexts restart every {len(cache.val) // params.eval_batch_size:,} tokens, at the same "
-        "row starts where the recurrent baselines' state restarts.",
+        "row starts where the recurrent baselines' state restarts; the Transformer reads non-overlapping "
+        f"{params.transformer.seq_len}-token windows.",
     ])
 
     doc.heading("Main table")
     doc.table(table)
     lines = []
     for stage in records:
-        if f"ppl_ratio_vs_{stage}" in rel:
-            lines.append(f"New-LLM / {display(stage)}: val loss ratio {rel[f'loss_ratio_vs_{stage}']:.3f}, "
-                         f"val PPL ratio {rel[f'ppl_ratio_vs_{stage}']:.3f} (below 1: New-LLM is better).")
-    for control in CONTROLS:
-        c = metrics[MODELS[control].record]
-        gap = c["val_loss"] - new["val_loss"]
-        verdict = "New-LLM is better" if gap > 0 else "the control is as good or better"
-        lines.append(f"Control **{MODELS[control].display}**: val loss {c['val_loss']:.4f} against New-LLM's "
-                     f"{new['val_loss']:.4f} (control - New-LLM = {gap:+.4f} nats/token: {verdict}).")
+        if f"test_ppl_ratio_vs_{stage}" in rel:
+            lines.append(f"New-LLM / {display(stage)}: test loss ratio {rel[f'test_loss_ratio_vs_{stage}']:.3f}, "
+                         f"test PPL ratio {rel[f'test_ppl_ratio_vs_{stage}']:.3f} (below 1: New-LLM is better).")
     lines.append(f"New-LLM's train wall time counts Phase 1 ({p1['wall_time_s']:.2f} s), the context cache "
                  f"({new.get('context_cache_s', 0.0):.2f} s) and Phase 2 ({new['train_wall_time_s']:.2f} s); its "
                  "tokens/s is Phase 2's, on cached contexts.")
-    band = decision_band(new["val_ppl"])
-    lines.append(f"New-LLM's val perplexity is {new['val_ppl']:.2f}: **{band}** (the research's decision bands, "
-                 "SPEC §5: < 50 continue, 50–100 needs architecture work, > 100 rethink). On a small template "
-                 "corpus low perplexities are easy; the bands were set for WikiText.")
+    band = decision_band(new["test_ppl"])
+    lines.append(f"The research's decision bands (SPEC §5: < 50 continue, 50–100 needs architecture work, > 100 "
+                 f"rethink) put New-LLM's test perplexity {new['test_ppl']:.2f} {band}. They were set for "
+                 "WikiText; on a small template corpus low perplexities are easy.")
     doc.bullets(lines)
 
     doc.heading("Training curves")
@@ -177,8 +201,9 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     longest = max(params.report.memory_lengths)
     mem = {re.sub(r"[^a-z0-9]+", "_", f"{r['model']} {r.get('method', '')} peak bytes at {longest}".lower()):
            r["peak_bytes"] for r in rows if r["length"] == longest and isinstance(r.get("peak_bytes"), (int, float))}
-    result = {"newllm_val_ppl": new["val_ppl"], "newllm_val_loss": new["val_loss"],
-              **{f"{s}_val_ppl": metrics[s]["val_ppl"] for s in records[1:]},
+    result = {"newllm_test_ppl": new["test_ppl"], "newllm_test_loss": new["test_loss"],
+              "newllm_val_ppl": new["val_ppl"],
+              **{f"{s}_test_ppl": metrics[s]["test_ppl"] for s in records[1:]},
               **{k: round(v, 4) for k, v in rel.items()}, "decision_band": band, **mem,
               "fixed_point_steps_mean": fp["convergence"].get("steps_mean"),
               "single_vs_iterated_cosine": fp["single_vs_iterated"].get("cosine")}

@@ -13,8 +13,8 @@ from newllm.errors import PipelineError
 from newllm.registry import CONTROLS, MODELS, by_record
 
 NEWLLM = MODELS["newllm"].record
-COLUMNS = ["model", "params (trainable / total)", "train tokens", "val loss", "val PPL", "val accuracy",
-           "best epoch", "train wall time (s)", "train tokens/s"]
+COLUMNS = ["model", "params (trainable / total)", "tokens seen", "optimiser steps", "best / last epoch",
+           "val loss (selects)", "test loss", "test PPL", "test accuracy", "train wall time (s)", "train tokens/s"]
 
 
 @dataclass
@@ -75,9 +75,10 @@ def main_table(root: Path, declared: dict[str, Stage], baselines: list[str]
     for stage, m in metrics.items():
         unmatched = by_record(stage).role == "baseline" and not m.get("matched")
         name = display(stage) + (" (unmatched)" if unmatched else "")
+        epochs = f"{m['best_epoch']} / {m['epochs_run']}" + (" **undertrained**" if m["undertrained"] else "")
         rows.append([name, f"{m['params_trainable']:,} / {m['params_total']:,}", m["train_tokens"],
-                     m["val_loss"], m["val_ppl"], m["val_accuracy"], m["best_epoch"],
-                     train_wall_time(stage, m, phase1_s), m["tokens_per_s"]])
+                     m["optimizer_steps"], epochs, m["val_loss"], m["test_loss"], m["test_ppl"],
+                     m["test_accuracy"], train_wall_time(stage, m, phase1_s), m["tokens_per_s"]])
     return Table(COLUMNS, rows), metrics
 
 
@@ -90,14 +91,14 @@ def train_wall_time(stage: str, m: dict[str, Any], phase1_s: float) -> float:
 
 
 def ratios(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """New-LLM / baseline ratios of val loss and PPL (below 1: New-LLM is better), for every baseline sized
-    to New-LLM's parameter count; an unmatched one gets none."""
+    """New-LLM / baseline ratios of test loss and PPL (below 1: New-LLM is better), for every baseline
+    sized to New-LLM's parameter count; an unmatched one gets none."""
     out = {}
     new = metrics[NEWLLM]
     for stage, m in metrics.items():
         if m.get("matched"):
-            out[f"loss_ratio_vs_{stage}"] = new["val_loss"] / metrics[stage]["val_loss"]
-            out[f"ppl_ratio_vs_{stage}"] = new["val_ppl"] / metrics[stage]["val_ppl"]
+            out[f"test_loss_ratio_vs_{stage}"] = new["test_loss"] / m["test_loss"]
+            out[f"test_ppl_ratio_vs_{stage}"] = new["test_ppl"] / m["test_ppl"]
     return out
 
 

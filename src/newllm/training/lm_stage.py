@@ -49,7 +49,9 @@ def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, s
     val = evaluate(model, ids["val"], cfg.seq_len, eval_batch_size, extras=extras.get("val"))
     trainable, total = count_params(model)
     final: dict[str, Any] = {
-        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "optimizer_steps": result.steps,
+        # still improving when training ended (the epoch cap bound, or early stopping is off)
+        "undertrained": result.best_epoch == result.epochs_run,
         "val_loss": round(val["loss"], 6), "val_ppl": round(val["ppl"], 4),
         "val_accuracy": round(val["accuracy"], 6), "val_tokens": val["tokens"], "train_tokens": result.train_tokens,
         "tokens_per_s": round(result.tokens_per_s, 1), "train_wall_time_s": round(result.wall_time_s, 3),

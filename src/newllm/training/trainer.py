@@ -156,6 +156,7 @@ class TrainResult:
     stopped_early: bool
     wall_time_s: float  # the whole call, evaluation included
     train_tokens: int  # predicted positions trained on, over all epochs
+    steps: int  # optimiser steps, over all epochs
     tokens_per_s: float  # train_tokens / time spent in training steps (evaluation excluded)
     device: str
     best_state: dict[str, Tensor] = field(repr=False, default_factory=dict)  # on CPU
@@ -222,7 +223,7 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     history: list[dict[str, float]] = []
     bad_epochs, stopped_early = 0, False
-    train_tokens, train_time = 0, 0.0
+    train_tokens, train_time, steps = 0, 0.0, 0
     t_start = time.perf_counter()
 
     for epoch in range(cfg.epochs):
@@ -247,6 +248,7 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            steps += 1
             state = detach_state(state)
             sum_loss += loss.detach() * y.numel()
             n_tok += y.numel()
@@ -287,6 +289,6 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
         best_epoch=best_epoch, best_val_loss=best_loss,
         best_val_ppl=best_metrics.get("ppl", math.inf), best_val_accuracy=best_metrics.get("accuracy", 0.0),
         history=history, epochs_run=len(history), stopped_early=stopped_early,
-        wall_time_s=time.perf_counter() - t_start, train_tokens=train_tokens,
+        wall_time_s=time.perf_counter() - t_start, train_tokens=train_tokens, steps=steps,
         tokens_per_s=train_tokens / max(train_time, 1e-9), device=str(device),
         best_state=best_state)
