@@ -65,6 +65,20 @@ def windows(n: int, seq_len: int) -> Iterator[tuple[int, int]]:
         yield i, min(seq_len, n - 1 - i)
 
 
+def sliding_windows(n: int, window: int) -> Iterator[tuple[int, int, int]]:
+    """(start, length, scored) of windows over a (B, n) batch for a model that sees only its input window:
+    stride window // 2, and only the last `scored` targets of each are counted, so every position but the
+    first is predicted exactly once (as with `windows`) and each sees up to window - 1 tokens of context
+    (at least window // 2 past the first window) instead of none at a window start."""
+    stride, done = max(1, window // 2), 0  # done: targets scored so far (target j is position j + 1)
+    start = 0
+    while done < n - 1:
+        length = min(window, n - 1 - start)
+        yield start, length, start + length - done
+        done = start + length
+        start += stride
+
+
 def detach_state(state: Any) -> Any:
     """Cut the graph at the window boundary (truncated BPTT), whatever the state's nesting."""
     if state is None:
@@ -112,8 +126,10 @@ def evaluate(model: nn.Module, ids: Tensor, seq_len: int | TrainConfig, batch_si
     number of predictions, so a short last window weighs by its size), ppl = exp(loss), top-1 accuracy,
     and tokens (the number of predictions). `ids` is batchified like the training stream: the tail that
     does not fill the last row is dropped and each stream's first token is not predicted. The model's
-    state starts empty and is carried across windows, as in training. `device` None = where the model
-    is; otherwise the model is moved there (and stays).
+    state starts empty and is carried across windows, as in training. A model that sees only its window
+    (`windowed = True`: the Transformer) is fed overlapping windows instead (`sliding_windows`): the same
+    tokens are scored, each with up to seq_len - 1 tokens of context, the counterpart of carried state.
+    `device` None = where the model is; otherwise the model is moved there (and stays).
     """
     if isinstance(seq_len, TrainConfig):
         seq_len = seq_len.seq_len
@@ -130,11 +146,13 @@ def evaluate(model: nn.Module, ids: Tensor, seq_len: int | TrainConfig, batch_si
     total_correct = torch.zeros((), dtype=torch.long, device=device)
     total = 0
     state = None
-    for i, t in windows(data.size(1), seq_len):
-        x, y = data[:, i:i + t], data[:, i + 1:i + 1 + t]
+    spans = (sliding_windows(data.size(1), seq_len) if getattr(model, "windowed", False)
+             else ((i, t, t) for i, t in windows(data.size(1), seq_len)))
+    for i, t, scored in spans:
+        x, y = data[:, i:i + t], data[:, i + 1 + t - scored:i + 1 + t]
         with autocast(device):
             logits, state = model(x, state, **{k: v[:, i:i + t].to(device) for k, v in ex.items()})
-        logits = logits.float()  # the loss in fp32 whatever the autocast dtype
+        logits = logits[:, t - scored:].float()  # the loss in fp32 whatever the autocast dtype
         total_loss += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
         total_correct += (logits.argmax(-1) == y).sum()
         total += y.numel()
