@@ -72,10 +72,11 @@ class Phase1Result:
     iterations_run: int  # including iteration 0
     converged: bool  # stopped early: convergence rate >= cfg.min_converged
     history: list[dict[str, float]]  # the metrics passed to on_iteration, one dict per iteration
-    train_er: float  # ER of the final contexts (last layer, train)
+    train_er: float  # ER of the exact contexts of the final weights (last layer, train), like val_er (the
+    # last iterate's with check_sequential=False)
     train_er_pct: float  # 100 * train_er / context_dim
     convergence_rate: float  # of the last iteration (0 if only iteration 0 ran)
-    sequential_cosine: float  # mean cos(final parallel-trained context, exact sequential recomputation)
+    sequential_cosine: float  # mean cos(parallel contexts, exact recurrence), both with the final weights
     val_er: float | None
     val_er_pct: float | None
     wall_time_s: float  # the whole call, final checks included
@@ -300,9 +301,15 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
             converged = True
             break
 
-    cosine = math.nan
-    if check_sequential:  # how far the parallel-trained contexts are from the exact recurrence's
-        cosine = F.cosine_similarity(P, sequential_pass(model, streams)[..., -1, :], dim=-1).mean().item()
+    # Final checks, all with the final weights: P was made by the weights before the last step, so one
+    # more (no-grad, noiseless) Jacobi step from it is what the trained block's parallel pass gives.
+    cosine, train_er, train_er_pct = math.nan, history[-1]["er"], history[-1]["er_pct"]
+    if check_sequential:  # how far the parallel contexts are from the exact recurrence's, same weights
+        exact = sequential_pass(model, streams)[..., -1, :]
+        with torch.no_grad():
+            _, C = parallel_iteration(model, streams, P, cfg.first_context)
+        cosine = F.cosine_similarity(C.reshape(S, N, Dc), exact, dim=-1).mean().item()
+        train_er, train_er_pct = effective_rank_pct(exact, cfg.er_max_rows, er_gen)  # as val's: exact contexts
     val_er = val_er_pct = None
     if val_ids is not None:
         val_streams = split_streams(val_ids.long(), max(1, min(cfg.streams, val_ids.numel()))).to(device)
@@ -310,7 +317,7 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
                                                 cfg.er_max_rows, er_gen)
     _sync(device)
     return Phase1Result(
-        iterations_run=len(history), converged=converged, history=history, train_er=history[-1]["er"],
-        train_er_pct=history[-1]["er_pct"], convergence_rate=conv, sequential_cosine=cosine,
+        iterations_run=len(history), converged=converged, history=history, train_er=train_er,
+        train_er_pct=train_er_pct, convergence_rate=conv, sequential_cosine=cosine,
         val_er=val_er, val_er_pct=val_er_pct, wall_time_s=time.perf_counter() - t_start,
         train_tokens=S * N, streams=S, contexts=P.cpu())
