@@ -34,7 +34,7 @@ def main(params, run) -> None:
             try:
                 matched = cls.matched_config(cfg, cache.vocab_size, target)
             except ValueError as e:
-                raise PipelineError(f"{NAME}: {e}; set protocol.match_params: false") from None
+                raise PipelineError(f"{e}; set protocol.match_params: false") from None
             cfg = dataclasses.replace(cfg, **matched)
     # a control of New-LLM is New-LLM's network (its top-level params), trained with this section's knobs
     arch = {k: getattr(params, k) for k in NEWLLM_KEYS} if spec.arch == "newllm" else cfg

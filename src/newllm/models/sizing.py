@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 
-def match_width(build: Callable[[int], nn.Module], target: int, step: int = 8, tolerance: float = 0.10,
+def match_width(build: Callable[[int], nn.Module], target: int, step: int = 2, tolerance: float = 0.10,
                 max_width: int = 1 << 14) -> int:
     """The width w (a multiple of `step`) whose model `build(w)` has total params closest to `target`.
 
