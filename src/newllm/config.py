@@ -78,6 +78,9 @@ class Phase1Config:
     # so the fixed point is the exact sequential state sequence) or `wrap` (the research's P[N-1]).
     first_context: Literal["zero", "wrap"] = knob()
     noise: float = knob(lo=0.0)
+    # The diversity term -||C - mean C|| grows with the scale of C, so Phase 1 can win it by raising the
+    # gain of the block's last LayerNorm instead of spreading the contexts; false keeps that gain at 1.
+    train_last_gain: bool = knob()
     streams: int = knob(lo=1)
     max_tokens: int = knob(lo=0)  # 0 = the whole train stream
     er_max_rows: int = knob(lo=2)

@@ -207,9 +207,10 @@ def test_only_the_context_path_is_optimised():
     before = copy.deepcopy(model.state_dict())
     run(model=model)
     after = model.state_dict()
+    last_gain = f"context_block.layers.{L - 1}.norm.weight"  # kept at its init by default (train_last_gain)
     for name in before:
         moved = not torch.equal(before[name], after[name])
-        assert moved == name.startswith(("context_block.", "embedding.")), name
+        assert moved == (name.startswith(("context_block.", "embedding.")) and name != last_gain), name
 
 
 def test_frozen_gpt2_style_embedding_stays_put():
@@ -364,3 +365,14 @@ def test_at_the_default_config_the_parallel_pass_tracks_the_exact_recurrence():
     res = train_phase1(model, ids, p.phase1, seed=p.seed, device="cpu")
     assert res.iterations_run == p.phase1.iterations
     assert res.sequential_cosine >= 0.95, res.sequential_cosine
+
+
+@pytest.mark.parametrize("train_gain", [True, False])
+def test_the_last_layernorm_gain_trains_only_when_asked(train_gain):
+    model = tiny()
+    gain = model.context_block.layers[-1].norm.weight
+    before = gain.detach().clone()
+    first = model.context_block.layers[0].norm.weight.detach().clone()
+    train_phase1(model, stream(), replace(CFG, train_last_gain=train_gain), device="cpu")
+    assert torch.equal(gain.detach(), before) != train_gain  # frozen at its init unless trained
+    assert not torch.equal(model.context_block.layers[0].norm.weight.detach(), first)  # the rest trains

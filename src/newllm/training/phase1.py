@@ -268,6 +268,9 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     noise_gen = torch.Generator(device=device).manual_seed(seed)
     er_gen = torch.Generator().manual_seed(seed)
     params = [p for m in (model.embedding, model.context_block) for p in m.parameters() if p.requires_grad]
+    if not cfg.train_last_gain:  # the diversity term grows with the output's scale: keep that gain at its init
+        gain = getattr(model.context_block.layers[-1].norm, "weight", None)
+        params = [p for p in params if p is not gain]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     forward = parallel_iteration if cfg.mode == "parallel" else sequential_iteration
 
