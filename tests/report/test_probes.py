@@ -51,6 +51,7 @@ def test_newllm_memory_is_flat_while_the_kv_cache_grows():
     assert all(r["status"] == "ok" and r["trained_positions"] for r in rows)
     assert all(r["ms_per_token"] > 0 and r["peak_bytes"] >= r["state_bytes"] > 0 for r in rows
                if r["method"] != "full re-attention")
+    assert all(0 < r["ms_min"] <= r["ms_per_token"] <= r["ms_max"] for r in rows)  # median of repeats, range
     for name in ("newllm", "lstm"):
         small, large = by[(name, "stream, state carried", 64)], by[(name, "stream, state carried", 512)]
         assert large["state_bytes"] == small["state_bytes"]

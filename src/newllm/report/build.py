@@ -178,7 +178,8 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     probe_models = {display(s): model for s, model in loaded.items() if by_record(s).memory_probe}
     rows = memory_vs_length(probe_models, params.report.memory_lengths, cache.vocab_size)
     doc.figure(_save(memory_figure(rows), figs / FIGURES[2]), "Peak memory and ms/token against sequence length")
-    cols = [c for c in ("model", "method", "length", "state_bytes", "peak_bytes", "ms_per_token", "status") if c in rows[0]]
+    cols = [c for c in ("model", "method", "length", "state_bytes", "peak_bytes", "ms_per_token", "ms_min", "ms_max",
+                        "status") if c in rows[0]]
     doc.table(Table(cols, [[r.get(c, "") for c in cols] for r in rows]))
     doc.text("New-LLM keeps one context per layer whatever the length (O(1) state); the Transformer's KV cache "
              "grows linearly and full re-attention recomputes the whole prefix for every token. Rows past the "

@@ -10,7 +10,9 @@ and then produces S tokens one at a time, as in generation. We report, at the en
                   one step's temporaries (the prefix's own chunk temporaries are excluded: they are a choice
                   of the feeding, not a cost of generating at length L). Model weights are excluded (they do
                   not depend on L) and reported once as param_bytes.
-    ms_per_token  wall time per generated token, the median over the S steps (a separate, untracked pass).
+    ms_per_token  wall time per generated token: the median over `repeats` separate, untracked passes (after
+                  a warm-up) of each pass's median over its S steps; ms_min / ms_max give the passes' range,
+                  so one stalled sample on a shared machine shows as spread, not as the figure.
 
 Modes: recurrent models stream with their state; the Transformer runs (a) with its KV cache, (b) with full
 re-attention, recomputing the whole prefix at every token (cost ~ L per token, so only `full_steps` steps
@@ -201,7 +203,7 @@ def _measure(r: _Runner, ids: Tensor, length: int, track: bool, device: torch.de
 
 def memory_vs_length(models: dict[str, nn.Module], lengths: list[int], vocab_size: int,
                      device: str | torch.device = "cpu", steps: int = 32, full_steps: int = 3,
-                     memory_steps: int = 4, chunk: int = 256, seed: int = 0,
+                     memory_steps: int = 4, chunk: int = 256, seed: int = 0, repeats: int = 3,
                      beyond_positions: Literal["extend", "stop"] = "extend") -> list[dict]:
     """One row per (model, method, length): state_bytes, peak_bytes, ms_per_token, status (see module doc).
 
@@ -229,7 +231,8 @@ def memory_vs_length(models: dict[str, nn.Module], lengths: list[int], vocab_siz
                     _measure(r, ids, min(4, lengths[0]), track=False, device=device)
             for length in lengths:
                 row = {"model": name, "method": trained.method, "length": length, "param_bytes": param_bytes,
-                       "state_bytes": None, "peak_bytes": None, "ms_per_token": None,
+                       "state_bytes": None, "peak_bytes": None, "ms_per_token": None, "ms_min": None,
+                       "ms_max": None,
                        "timed_steps": min(trained.steps, length), "trained_positions": True, "status": "ok"}
                 rows.append(row)
                 r = trained
@@ -243,8 +246,9 @@ def memory_vs_length(models: dict[str, nn.Module], lengths: list[int], vocab_siz
                                      f"table tiled to {max(lengths)}, outputs meaningless")
                 mem_runner = _Runner(r.model, r.method, r.prefix, r.step, r.state_of, min(memory_steps, r.steps))
                 peak, _, state_bytes = _measure(mem_runner, ids, length, track=True, device=device)
-                _, seconds, _ = _measure(r, ids, length, track=False, device=device)
-                row.update(state_bytes=state_bytes, peak_bytes=peak, ms_per_token=1000 * seconds)
+                ms = sorted(1000 * _measure(r, ids, length, track=False, device=device)[1] for _ in range(repeats))
+                row.update(state_bytes=state_bytes, peak_bytes=peak, ms_per_token=ms[len(ms) // 2],
+                           ms_min=ms[0], ms_max=ms[-1])
     return rows
 
 
