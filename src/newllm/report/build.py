@@ -62,7 +62,7 @@ def answer(metrics: dict[str, dict[str, Any]], rel: dict[str, float], records: l
         c = metrics[MODELS[control].record]
         gap = c["test_loss"] - new["test_loss"]
         parts.append(f"{MODELS[control].display}: test loss {c['test_loss']:.4f} vs New-LLM's {new['test_loss']:.4f} "
-                     f"({gap:+.4f} nats/token; {'New-LLM is better' if gap > 0 else 'the control is as good or better'}).")
+                     f"({abs(gap):.4f} nats/token in {'New-LLM' if gap > 0 else 'the control'}'s favour).")
     parts.append("All from one seed: no seed spread is measured yet, so small differences may be noise.")
     return " ".join(parts)
 
