@@ -12,6 +12,7 @@ def main(params, run) -> None:
     import dataclasses
     import json
     from pathlib import Path
+    from types import SimpleNamespace
 
     import torch
 
@@ -39,7 +40,7 @@ def main(params, run) -> None:
     # a control of New-LLM is New-LLM's network (its top-level params), trained with this section's knobs
     arch = {k: getattr(params, k) for k in NEWLLM_KEYS} if spec.arch == "newllm" else cfg
     torch.manual_seed(params.seed)
-    model = cls.from_config(params if spec.arch == "newllm" else cfg, cache.vocab_size)
+    model = cls.from_config(SimpleNamespace(**arch) if isinstance(arch, dict) else arch, cache.vocab_size)
     final, history = fit_lm(run, model, cache, cfg, seed=params.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size)
     factory.save_model(factory.checkpoint_path(NAME), NAME, model, arch, cache.vocab_size)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from newllm.models.sizing import match_width
+from newllm.models.sizing import match_width, meta_count
 from newllm.registry import CVPConfig
 
 
@@ -68,7 +68,7 @@ class CVPLM(nn.Module):
             return cls(vocab_size, w // 2, w, w, cfg.num_layers, cfg.dropout, cfg.context_norm, cfg.gating,
                        cfg.context_clip, cfg.positional, cfg.seq_len)
 
-        w = match_width(build, target_params)
+        w = match_width(meta_count(build), target_params)
         return {"embed_dim": w // 2, "context_dim": w, "hidden_dim": w}
 
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from newllm.models.sizing import match_width
+from newllm.models.sizing import match_width, meta_count
 from newllm.registry import LSTMConfig
 
 LSTMState = tuple[Tensor, Tensor]  # (h, c), each (num_layers, B, hidden_dim)
@@ -42,7 +42,7 @@ class LSTMLM(nn.Module):
     @classmethod
     def matched_config(cls, cfg: LSTMConfig, vocab_size: int, target_params: int) -> dict[str, int]:
         """Embedding and hidden width together (the recipe's 200/200 shape) at ~target_params."""
-        w = match_width(lambda h: cls(vocab_size, h, h, cfg.num_layers, cfg.dropout, cfg.tie_weights),
+        w = match_width(meta_count(lambda h: cls(vocab_size, h, h, cfg.num_layers, cfg.dropout, cfg.tie_weights)),
                         target_params)
         return {"embed_dim": w, "hidden_dim": w}
 

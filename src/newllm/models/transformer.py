@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from newllm.models import sizing
 from newllm.registry import TransformerConfig
 
 # transformers renamed the KV-cache argument `past_key_values` -> `cache` (5.x deprecates the old name);
@@ -41,23 +42,11 @@ def match_width(target_params: int, vocab_size: int, n_layer: int, n_head: int, 
     Raises ValueError when even the closest width is more than `tolerance` (±10 %) away, e.g. when the
     vocabulary alone (at the narrowest width n_head) already exceeds the target.
     """
-    # the count grows monotonically with d, so scan multiples of n_head until we pass the target
-    best_d, best_gap = n_head, float("inf")
-    d = n_head
-    while True:
-        n = gpt2_param_count(vocab_size, n_layer, d, seq_len)
-        gap = abs(n - target_params)
-        if gap < best_gap:
-            best_d, best_gap = d, gap
-        if n > target_params:
-            break
-        d += n_head
-    if best_gap > tolerance * target_params:
-        got = gpt2_param_count(vocab_size, n_layer, best_d, seq_len)
-        raise ValueError(f"match_width: no GPT-2 width within ±{tolerance:.0%} of {target_params:,} params "
-                         f"(closest: n_embd {best_d} -> {got:,}; vocab {vocab_size}, {n_layer} layers, "
-                         f"{n_head} heads)")
-    return best_d
+    try:  # the closed-form count, scanned over multiples of n_head
+        return sizing.match_width(lambda d: gpt2_param_count(vocab_size, n_layer, d, seq_len), target_params,
+                                  step=n_head, tolerance=tolerance)
+    except ValueError as e:
+        raise ValueError(f"{e}: GPT-2 n_embd, vocab {vocab_size}, {n_layer} layers, {n_head} heads") from None
 
 
 
