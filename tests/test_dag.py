@@ -43,10 +43,11 @@ def _is_docstring_only(path: Path) -> bool:
     return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
 
 
-def import_closure(entry: Path) -> set[str]:
-    """src-relative files (newllm/...) of every module `entry` imports, with their packages' __init__."""
-    seen: set[Path] = set()
-    todo = [entry]
+def import_closure(entry: Path, extra: tuple[str, ...] = ()) -> set[str]:
+    """src-relative files (newllm/...) of every module `entry` (and the `extra` modules) imports, with
+    their packages' __init__."""
+    seen: set[Path] = {SRC / f for f in extra}
+    todo = [entry, *seen]
     while todo:
         for module in _imports(todo.pop()):
             parts = module.split(".")
@@ -67,10 +68,9 @@ def test_code_deps_are_the_imports_of_the_stage(record):
     stage = stages(default_params(), REPO)[record]
     entry = REPO / stage.deps[0]
     assert entry.parent.name == "stages" and entry.is_file(), f"{stage.name}: its entry file comes first"
-    imported = import_closure(entry)
-    for arg in stage.cmd.split()[2:]:  # the factory imports a named model's module by its registry entry
-        if arg in MODELS:
-            imported.add(f"newllm/models/{MODELS[arg].module}.py")
+    # the factory imports a named model's module by its registry entry: it and all it imports
+    dynamic = tuple(f"newllm/models/{MODELS[arg].module}.py" for arg in stage.cmd.split()[2:] if arg in MODELS)
+    imported = import_closure(entry, dynamic)
     needed = imported - NOT_DEPS | ({REPORT_FIGURES, "newllm/registry.py"} if record == "report" else set())
     deps = {d.removeprefix("src/") for d in stage.deps if d.startswith("src/")}
     missing = sorted(f for f in needed if not _covered(f, deps))
