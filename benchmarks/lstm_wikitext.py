@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
 
-    cfg = LSTMConfig(optimizer="sgd", lr=20.0, weight_decay=0.0, batch_size=20, seq_len=35, epochs=args.epochs,
+    LR = 20.0  # the recipe's SGD lr
+    cfg = LSTMConfig(optimizer="sgd", weight_decay=0.0, batch_size=20, seq_len=35, epochs=args.epochs,
                      grad_clip=0.25, scheduler="plateau", plateau_factor=0.25, patience=0, min_delta=0.0,
                      max_tokens=args.max_tokens, embed_dim=200, hidden_dim=200, num_layers=2, dropout=0.2,
                      tie_weights=False)
@@ -67,7 +68,7 @@ def main() -> None:
     model = LSTMLM.from_config(cfg, len(vocab))
     n_train = min(len(data["train"]), args.max_tokens or len(data["train"]))
     print(f"LSTM 2x200, {count_params(model)[1]:,} params; device {device}; {args.epochs} epoch(s) on "
-          f"{n_train:,} train tokens; SGD lr {cfg.lr}, clip {cfg.grad_clip}, bptt {cfg.seq_len}, "
+          f"{n_train:,} train tokens; SGD lr {LR}, clip {cfg.grad_clip}, bptt {cfg.seq_len}, "
           f"batch {cfg.batch_size}")
 
     def on_epoch(epoch: int, m: dict[str, float]) -> None:
@@ -75,7 +76,7 @@ def main() -> None:
               f"train loss {m['train_loss']:5.2f} | valid loss {m['val_loss']:5.2f} | "
               f"valid ppl {m['val_ppl']:8.2f} | {m['tokens_per_s']:,.0f} tok/s", flush=True)
 
-    res = train_lm(model, data["train"], data["valid"], cfg, device=device, seed=args.seed, eval_batch_size=10,
+    res = train_lm(model, data["train"], data["valid"], cfg, lr=LR, device=device, seed=args.seed, eval_batch_size=10,
                    on_epoch=on_epoch, progress=not args.no_progress)
     test = evaluate(model, data["test"], cfg.seq_len, 10, device=device)
     print("=" * 89)

@@ -1,6 +1,17 @@
-"""DVC stage: Phase 1 of CVFP, fixed-point training of the ContextBlock (SPEC §3)."""
+"""DVC stage: Phase 1 of CVFP, fixed-point training of the ContextBlock (SPEC §3).
+
+`phase1_cvfp.py` trains the ContextBlock of params.yaml's `seed`; `--seed N` that of a replicate seed.
+"""
+
+import sys
 
 from newllm.pipeline import run_stage
+
+SEED = int(sys.argv[2]) if len(sys.argv) == 3 and sys.argv[1] == "--seed" and sys.argv[2].isdigit() else None
+
+
+def seed_of(params) -> int:
+    return params.seed if SEED is None else SEED
 
 
 def main(params, run) -> None:
@@ -9,7 +20,7 @@ def main(params, run) -> None:
     from newllm.data.token_cache import load_cache
     from newllm.errors import PipelineError
     from newllm.models.cvfp import NewLLM
-    from newllm.models.factory import PHASE1_CHECKPOINT, context_hparams, count_params
+    from newllm.models.factory import context_hparams, count_params
     from newllm.report.figures import phase1_curves
     from newllm.training import checkpoint
     from newllm.training.phase1 import train_phase1
@@ -19,7 +30,8 @@ def main(params, run) -> None:
     if n_train // params.phase1.streams < 2:
         raise PipelineError(f"params.yaml: phase1.streams ({params.phase1.streams}) is too large for the "
                             f"{n_train:,} Phase 1 tokens (needs >= 2 tokens a stream)")
-    torch.manual_seed(params.seed)
+    seed = seed_of(params)
+    torch.manual_seed(seed)
     model = NewLLM.from_config(params, cache.vocab_size)
     history: list[dict] = []
 
@@ -29,10 +41,10 @@ def main(params, run) -> None:
 
     train = torch.from_numpy(cache.train.astype("int64"))
     val = torch.from_numpy(cache.val.astype("int64"))
-    result = train_phase1(model, train, params.phase1, seed=params.seed, val_ids=val,
+    result = train_phase1(model, train, params.phase1, seed=seed, val_ids=val,
                           on_iteration=on_iteration, device=params.device)
     frozen = {k: v for k, v in model.state_dict().items() if k.startswith(("embedding.", "context_block."))}
-    checkpoint.save(PHASE1_CHECKPOINT, frozen, context_hparams(params, cache.vocab_size))
+    checkpoint.save(run.declared.outs[0], frozen, context_hparams(params, cache.vocab_size))
     run.log_figure(phase1_curves(history), "phase1_curves.png")
     final = {
         "iterations_run": result.iterations_run, "converged": int(result.converged),
@@ -43,13 +55,17 @@ def main(params, run) -> None:
         "sequential_cosine": round(result.sequential_cosine, 6),
         "train_tokens": result.train_tokens, "streams": result.streams,
         "wall_time_s": round(result.wall_time_s, 3),
-        "params_context_block": count_params(model.context_block)[1],
+        "params_context_block": count_params(model.context_block)[1], "seed": seed,
     }
     run.finish(final)
-    print(f"phase1_cvfp: {result.iterations_run} iterations, train ER {result.train_er_pct:.1f}% "
+    print(f"phase1 seed {seed}: {result.iterations_run} iterations, train ER {result.train_er_pct:.1f}% "
           f"(val {final['val_er_pct']}%), converged {result.convergence_rate:.1%}, "
           f"cos vs sequential {result.sequential_cosine:.4f}, {result.wall_time_s:.1f}s")
 
 
 if __name__ == "__main__":
-    run_stage("phase1_cvfp", main)
+    from newllm.protocol import phase1_record
+
+    if len(sys.argv) > 1 and SEED is None:
+        sys.exit("usage: phase1_cvfp.py [--seed N]")
+    run_stage(lambda params: phase1_record(seed_of(params)), main)

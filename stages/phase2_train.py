@@ -2,16 +2,18 @@
 
 `phase2_train.py newllm_phase1_off` is the Phase 1 control: the same Phase 2 on the embedding and
 ContextBlock left at their initialisation (the weights Phase 1 starts from, for the same seed).
+Then `--lr X` (a sweep cell, on params.yaml's seed) or `--seed N` (a replicate, with the chosen lr).
 """
 
 import sys
 import time
 from pathlib import Path
 
-from newllm.pipeline import run_stage
+from newllm.pipeline import run_cell
 
-NAME = sys.argv[1] if len(sys.argv) > 1 else "newllm"
-TMP = Path(f"data/tmp/{NAME}_contexts")  # disk-backed context caches, removed when the stage ends
+NAME = sys.argv[1] if len(sys.argv) > 1 else ""
+CELL = sys.argv[2:]
+TMP = Path("data/tmp") / "_".join([NAME, *CELL, "contexts"])  # disk-backed context caches, removed at the end
 
 
 def context_storage(shape: tuple[int, ...], split: str):
@@ -33,13 +35,14 @@ def context_storage(shape: tuple[int, ...], split: str):
                                                       dtype=np.float32, shape=shape))
 
 
-def main(params, run) -> None:
+def main(params, run, cell) -> None:
     import torch
 
-    from newllm.config import NEWLLM_KEYS
+    from newllm.config import NEWLLM_KEYS, stages
     from newllm.data.token_cache import load_cache
     from newllm.models import factory
     from newllm.models.cvfp import NewLLM, Phase2Model
+    from newllm.protocol import phase1_record
     from newllm.report.figures import lm_curves
     from newllm.training import checkpoint
     from newllm.training.checkpoint import CheckpointError
@@ -51,9 +54,9 @@ def main(params, run) -> None:
     check_sizes(cache, params.phase2, "phase2", params.eval_batch_size)
     with_phase1 = factory.spec(NAME).trains == "cvfp"
     if with_phase1:
-        phase1 = factory.PHASE1_CHECKPOINT
+        phase1 = stages(params)[phase1_record(cell.seed)].outs[0]  # the ContextBlock of this seed
         frozen, _ = checkpoint.load(phase1, expect=factory.context_hparams(params, cache.vocab_size))  # before compute
-    torch.manual_seed(params.seed)
+    torch.manual_seed(cell.seed)
     # with Phase 1 its checkpoint holds the embedding; without, GPT-2's matrix (if chosen) is read here
     llm = NewLLM.from_config(params, cache.vocab_size, load_pretrained=not with_phase1)
     if with_phase1:
@@ -80,15 +83,16 @@ def main(params, run) -> None:
         storage = context_storage(context_cache_shape(llm, len(ids), streams), split)
         extras[split] = {"contexts": compute_contexts(llm, ids, streams=streams, device=device, out=storage)}
     cache_s = time.perf_counter() - t0
-    final, history = fit_lm(run, model, cache, params.phase2, seed=params.seed, device=params.device,
+    run.log_params({"lr": cell.lr})
+    final, history = fit_lm(run, model, cache, params.phase2, lr=cell.lr, seed=cell.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size, extras=extras)
-    factory.save_model(factory.checkpoint_path(NAME), NAME, llm, {k: getattr(params, k) for k in NEWLLM_KEYS},
+    factory.save_model(run.declared.outs[0], NAME, llm, {k: getattr(params, k) for k in NEWLLM_KEYS},
                        cache.vocab_size)
     record = factory.spec(NAME).record
     run.log_figure(lm_curves(history, record), f"{record}_curves.png")
     final["context_cache_s"] = round(cache_s, 3)
     run.finish(final)
-    print(f"{record}: best val loss {final['val_loss']:.4f} (PPL {final['val_ppl']:.2f}, acc "
+    print(f"{cell.record}: best val loss {final['val_loss']:.4f} (PPL {final['val_ppl']:.2f}, acc "
           f"{final['val_accuracy']:.2%}) at epoch {final['best_epoch']}; {final['params_trainable']:,} trainable "
           f"of {final['params_total']:,} params")
 
@@ -100,7 +104,7 @@ if __name__ == "__main__":
         from newllm.registry import MODELS
 
         if MODELS.get(NAME) is None or MODELS[NAME].trains not in ("cvfp", "phase2"):
-            sys.exit("usage: phase2_train.py [newllm|newllm_phase1_off]")
-        run_stage(MODELS[NAME].record, main)
+            sys.exit("usage: phase2_train.py {newllm,newllm_phase1_off} (--lr X | --seed N)")
+        run_cell(NAME, CELL, main)
     finally:
         shutil.rmtree(TMP, ignore_errors=True)

@@ -1,14 +1,16 @@
 """DVC stage `baseline@<name>` (or a control such as `end_to_end`): train one registered model that trains
-as a language model (registry.py, `trains: lm`) with the generic trainer on the shared token cache."""
+as a language model (registry.py, `trains: lm`) with the generic trainer on the shared token cache.
+`train_baseline.py <name> --lr X` is a sweep cell (on params.yaml's seed), `--seed N` a replicate with the
+chosen lr."""
 
 import sys
 
-from newllm.pipeline import run_stage
+from newllm.pipeline import run_cell
 
 NAME = sys.argv[1] if len(sys.argv) > 1 else ""
 
 
-def main(params, run) -> None:
+def main(params, run, cell) -> None:
     import dataclasses
     import json
     from pathlib import Path
@@ -39,18 +41,19 @@ def main(params, run) -> None:
             cfg = dataclasses.replace(cfg, **matched)
     # a control of New-LLM is New-LLM's network (its top-level params), trained with this section's knobs
     arch = {k: getattr(params, k) for k in NEWLLM_KEYS} if spec.arch == "newllm" else cfg
-    torch.manual_seed(params.seed)
+    torch.manual_seed(cell.seed)
     model = cls.from_config(SimpleNamespace(**arch) if isinstance(arch, dict) else arch, cache.vocab_size)
-    final, history = fit_lm(run, model, cache, cfg, seed=params.seed, device=params.device,
+    run.log_params({"lr": cell.lr})
+    final, history = fit_lm(run, model, cache, cfg, lr=cell.lr, seed=cell.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size)
-    factory.save_model(factory.checkpoint_path(NAME), NAME, model, arch, cache.vocab_size)
+    factory.save_model(run.declared.outs[0], NAME, model, arch, cache.vocab_size)
     if spec.role == "baseline":
         final["matched"] = bool(matched)  # a baseline without a width search stays unmatched: no ratio
     if matched:
         final.update(**matched, matched_to_params=target)
     run.log_figure(lm_curves(history, spec.record), f"{spec.record}_curves.png")
     run.finish(final)
-    print(f"{NAME}: best val loss {final['val_loss']:.4f} (PPL {final['val_ppl']:.2f}) at epoch "
+    print(f"{cell.record}: best val loss {final['val_loss']:.4f} (PPL {final['val_ppl']:.2f}) at epoch "
           f"{final['best_epoch']}, {final['params_total']:,} params")
 
 
@@ -59,5 +62,5 @@ if __name__ == "__main__":
 
     LM = [name for name, s in MODELS.items() if s.trains == "lm"]
     if NAME not in LM:  # never let a wrong name reach run_stage, which removes that stage's outputs
-        sys.exit(f"usage: train_baseline.py {{{','.join(LM)}}}")
-    run_stage(MODELS[NAME].record, main)
+        sys.exit(f"usage: train_baseline.py {{{','.join(LM)}}} (--lr X | --seed N)")
+    run_cell(NAME, sys.argv[2:], main)

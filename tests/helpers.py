@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 VENV_BIN = Path(sys.executable).parent
 
-# Tiny settings: the whole pipeline runs in well under a minute on 2 cores.
+# Tiny settings: every stage of the pipeline runs in seconds on 2 cores.
 TINY_PARAMS = {
     "dataset": {"num_sentences": 60},
     "context_dim": 16, "embed_dim": 16, "context_layers": 2, "token_layers": 2,
@@ -30,6 +30,7 @@ TINY_PARAMS = {
     "lstm": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
     "cvp": {"embed_dim": 16, "context_dim": 16, "hidden_dim": 16},
     "report": {"memory_lengths": [64, 128], "max_new_tokens": 5},
+    "protocol": {"lrs": [0.01], "replicates": [1]},  # one lr, two seeds: each cell kind once
 }
 
 

@@ -27,7 +27,7 @@ def test_mlflow_runs_page_renders_both_runs(tmp_path: Path):
         shot = tmp_path / "mlflow_runs.png"
         dom = render_page(f"{base}/#/experiments/{exp_id}/runs", screenshot=shot, budget_ms=15000)
     for exp_name in run_ids:
-        assert f"phase2_train:{exp_name}" in dom, dom[-2000:]
+        assert f"sweep/phase2_train/lr0.001:{exp_name}" in dom, dom[-2000:]
     png = shot.read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 20_000  # a rendered page, not a blank one
     if os.environ.get("NEWLLM_SAVE_SCREENSHOTS") == "1":

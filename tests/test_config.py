@@ -10,7 +10,7 @@ from helpers import REPO, default_params, env, merge, write_params
 
 from newllm import dag
 from newllm.config import ConfigError, params_hash, parse_params, stage_params, stages
-from newllm.registry import MODELS, PER_MODEL_TRAIN_KEYS, TrainConfig
+from newllm.registry import MODELS, TrainConfig
 
 RAW = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -20,16 +20,16 @@ def test_the_dataclasses_hold_no_defaults_params_yaml_holds_them_all():
         for f in dataclasses.fields(cls):
             assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, f"{cls}.{f.name}"
     shared = {k for k in RAW["train"]}
-    assert shared == {f.name for f in dataclasses.fields(TrainConfig)} - set(PER_MODEL_TRAIN_KEYS)
+    assert shared == {f.name for f in dataclasses.fields(TrainConfig)}
     for spec in MODELS.values():  # a model section restates no shared training key: one place for each fact
         assert not shared & set(RAW[spec.section]), spec.section
-        assert set(PER_MODEL_TRAIN_KEYS) <= set(RAW[spec.section]), spec.section
+        assert "lr" not in RAW[spec.section]  # the lr is the protocol's sweep, the same for every model
 
 
 def test_a_model_section_inherits_train_and_may_override_it():
-    p = default_params(train={"epochs": 7}, lstm={"epochs": 3, "lr": 0.01})
-    assert (p.lstm.epochs, p.lstm.lr, p.transformer.epochs, p.phase2.epochs, p.train.epochs) == (3, 0.01, 7, 7, 7)
-    assert p.transformer.lr == 0.001 and p.lstm.seq_len == p.train.seq_len == 32
+    p = default_params(train={"epochs": 7}, lstm={"epochs": 3})
+    assert (p.lstm.epochs, p.transformer.epochs, p.phase2.epochs, p.end_to_end.epochs, p.train.epochs) == (3, 7, 7, 7, 7)
+    assert p.lstm.seq_len == p.train.seq_len == 32
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,16 @@ def test_a_model_section_inherits_train_and_may_override_it():
         ({"embedding": "gpt2"}, "embed_dim must be 768 with embedding gpt2"),
         ({"phase1": 3}, "phase1 must be a mapping"),
         ({"train": {"epochs": 0}}, "train.epochs must be >= 1, got 0"),
-        ({"train": {"lr": 0.1}}, "unknown key 'train.lr'"),  # lr is per model
+        ({"train": {"lr": 0.1}}, "unknown key 'train.lr'"),  # the lr is swept: protocol.lrs
+        ({"lstm": {"lr": 0.1}}, "unknown key 'lstm.lr'"),
+        ({"protocol": {"lrs": []}}, "protocol.lrs is empty"),
+        ({"protocol": {"lrs": [0.001, 0.001]}}, "protocol.lrs has duplicates"),
+        ({"protocol": {"lrs": [0.001, 0]}}, "protocol.lrs must be > 0.0, got 0"),
+        ({"protocol": {"lrs": ["fast"]}}, "protocol.lrs[0] must be a number"),
+        ({"protocol": {"replicates": []}}, "protocol.replicates is empty"),
+        ({"protocol": {"replicates": [1, 1]}}, "protocol.replicates must not repeat a seed"),
+        ({"protocol": {"replicates": [0, 1]}}, "or the top-level seed (0)"),
+        ({"protocol": {"replicates": [-1]}}, "protocol.replicates must be >= 0"),
         ({"lstm": {"epochs": "many"}}, "lstm.epochs must be an integer"),  # an override is validated too
         ({"baselines": ["transformer", "transformer"]}, "baselines has duplicates"),
         ({"baselines": []}, "baselines is empty"),
@@ -69,7 +78,7 @@ def test_validation_errors_name_the_key(raw, message):
 
 
 def test_a_missing_key_or_section_is_named():
-    for path in (("phase1", "noise"), ("train", "seq_len"), ("lstm", "lr"), ("seed",), ("cvp",)):
+    for path in (("phase1", "noise"), ("train", "seq_len"), ("protocol", "lrs"), ("seed",), ("cvp",)):
         raw = yaml.safe_load((REPO / "params.yaml").read_text())
         node = raw
         for key in path[:-1]:
@@ -88,26 +97,42 @@ def test_stage_params_are_what_a_stage_reads_plus_what_its_inputs_were_made_with
     p = default_params()
     flat = stage_params(p, "tokenize")
     assert "tokenizer.kind" in flat and "dataset.source" in flat and "phase1.lr" not in flat
-    lstm = stage_params(p, "lstm")
-    assert "tokenizer.kind" in lstm and "lstm.lr" in lstm and "lstm.epochs" in lstm and "phase1.lr" not in lstm
-    assert "phase1.dist_reg_weight" in stage_params(p, "phase2_train")  # its ContextBlock's recipe
-    # a seed replicate (`-S seed=1`) reruns the models on the same data, never a new dataset
+    lstm = stage_params(p, "sweep/lstm/lr0.001")
+    assert "tokenizer.kind" in lstm and "lstm.epochs" in lstm and "phase1.lr" not in lstm
+    assert lstm["lr"] == 0.001 and lstm["seed"] == 0  # the cell's lr; the sweep runs on `seed`
+    replicate = stage_params(p, "seeds/lstm/seed2")
+    assert replicate["seed"] == 2 and "protocol.lrs" in replicate  # its lr was picked from that sweep
+    assert "phase1.dist_reg_weight" in stage_params(p, "sweep/phase2_train/lr0.001")  # its ContextBlock's recipe
+    # a seed replicate reruns the models on the same data, never a new dataset
     assert "seed" not in stage_params(p, "generate_dataset") and "seed" not in stage_params(p, "tokenize")
-    assert params_hash(p, "lstm") != params_hash(default_params(tokenizer={"kind": "char"}), "lstm")
-    assert params_hash(p, "lstm") != params_hash(default_params(train={"epochs": 3}), "lstm")
+    cell = "sweep/lstm/lr0.001"
+    assert params_hash(p, cell) != params_hash(default_params(tokenizer={"kind": "char"}), cell)
+    assert params_hash(p, cell) != params_hash(default_params(train={"epochs": 3}), cell)
+    assert params_hash(p, cell) != params_hash(p, "sweep/lstm/lr0.003")
 
 
 def test_stage_params_and_outs_come_from_dvc_yaml():
     p = default_params()
     declared = stages(p)
-    assert declared["lstm"].name == "baseline@lstm" and declared["lstm"].outs == ("data/checkpoints/baselines/lstm.pt",)
-    assert declared["lstm"].params == ("seed", "device", "eval_batch_size", "train", "lstm")
-    assert "transformer" not in stages(default_params(baselines=["lstm"]))  # the foreach follows `baselines`
-    assert set(dag.upstream_params(declared, "phase2_train")) >= {"phase1", "tokenizer", "dataset"}
-    from newllm.models.factory import checkpoint_path  # the one place Python names a checkpoint file
-
+    cell = declared["sweep/lstm/lr0.001"]
+    assert cell.name == "baseline_sweep@lstm-0.001" and cell.outs == ("data/checkpoints/sweep/lstm/lr0.001.pt",)
+    assert cell.params == ("seed", "device", "eval_batch_size", "train", "lstm")
+    assert declared["seeds/lstm/seed1"].name == "baseline_seeds@lstm-1"
+    assert "data/lr/lstm.json" in declared["seeds/lstm/seed1"].deps
+    assert "sweep/transformer/lr0.001" not in stages(default_params(baselines=["lstm"]))  # the matrix follows `baselines`
+    assert set(dag.upstream_params(declared, "sweep/phase2_train/lr0.001")) >= {"phase1", "tokenizer", "dataset"}
+    # every compared model has one cell per lr and one per replicate seed; Phase 1 one per seed
     for spec in MODELS.values():
-        assert str(checkpoint_path(spec.name)) in declared[spec.record].outs
+        for lr in p.protocol.lrs:
+            assert f"sweep/{spec.record}/lr{lr}" in declared
+        for seed in p.protocol.replicates:
+            assert f"seeds/{spec.record}/seed{seed}" in declared
+    assert {"phase1/seed0", "phase1/seed1", "phase1/seed2"} <= set(declared)
+    # Phase 1's checkpoints reach New-LLM's own cells and nothing else (so phase1.lr reruns no baseline)
+    readers = {r for r, s in declared.items() if any(d.startswith("data/checkpoints/phase1/") for d in s.deps)}
+    assert readers == {r for r in declared if r.startswith(("sweep/phase2_train/", "seeds/phase2_train/"))}
+    grid = stages(default_params(protocol={"lrs": [0.003], "replicates": [5]}))
+    assert "sweep/lstm/lr0.003" in grid and "seeds/lstm/seed5" in grid and "sweep/lstm/lr0.001" not in grid
 
 
 def test_bad_params_fail_fast_before_heavy_imports_and_write_nothing(tmp_path: Path):

@@ -5,17 +5,20 @@ import ast
 from pathlib import Path
 
 import pytest
-from helpers import REPO, default_params
+from helpers import REPO, VENV_BIN, default_params, run, use_project_dvc_yaml, write_params
 
-from newllm.config import stages
+from newllm.config import load_params, stages
 from newllm.registry import MODELS
 
 SRC = REPO / "src"
 # Imported by stages but unable to change a result (dvc.yaml's header says why); not deps. The training
 # stages draw only MLflow copies of their curves with report/figures.py; the report draws its outputs with it.
+# protocol.py names the cells (the harness's job) and holds the rule that picks an lr: a dep of pick_lr.
 NOT_DEPS = {"newllm/pipeline.py", "newllm/tracking.py", "newllm/dag.py", "newllm/errors.py", "newllm/registry.py",
-            "newllm/report/figures.py"}
-REPORT_FIGURES = "newllm/report/figures.py"  # the report also depends on the registry (display names)
+            "newllm/report/figures.py", "newllm/protocol.py"}
+# the report also depends on the registry (display names), its figures and the protocol (which runs it reads)
+EXTRA_DEPS = {"report": {"newllm/report/figures.py", "newllm/registry.py", "newllm/protocol.py"},
+              "pick_lr": {"newllm/protocol.py"}}
 
 
 def _module_file(module: str) -> Path | None:
@@ -71,7 +74,7 @@ def test_code_deps_are_the_imports_of_the_stage(record):
     # the factory imports a named model's module by its registry entry: it and all it imports
     dynamic = tuple(f"newllm/models/{MODELS[arg].module}.py" for arg in stage.cmd.split()[2:] if arg in MODELS)
     imported = import_closure(entry, dynamic)
-    needed = imported - NOT_DEPS | ({REPORT_FIGURES, "newllm/registry.py"} if record == "report" else set())
+    needed = imported - NOT_DEPS | EXTRA_DEPS.get(record, set())
     deps = {d.removeprefix("src/") for d in stage.deps if d.startswith("src/")}
     missing = sorted(f for f in needed if not _covered(f, deps))
     assert not missing, f"{stage.name} imports {missing}: add them to its deps in dvc.yaml"
@@ -79,3 +82,16 @@ def test_code_deps_are_the_imports_of_the_stage(record):
     assert not stale, f"{stage.name} lists {stale} in dvc.yaml but does not import them"
     for d in stage.deps:
         assert (REPO / d).exists() or d.startswith(("data/", "reports/")), f"{stage.name}: no such dep {d}"
+
+
+@pytest.mark.parametrize("lrs", [[0.001, 0.003, 0.01], [0.00001, 0.0003, 2.5]])
+def test_stage_names_and_records_follow_dvcs_own_resolution(tmp_path: Path, lrs):
+    """dag.py resolves foreach/matrix as DVC does: the same stage names, with the protocol's cells in them."""
+    use_project_dvc_yaml(tmp_path)
+    write_params(tmp_path / "params.yaml", protocol={"lrs": lrs, "replicates": [1, 2]})
+    run(["git", "init", "-q"], tmp_path)
+    run([str(VENV_BIN / "dvc"), "init", "-q"], tmp_path)
+    out = run([str(VENV_BIN / "dvc"), "stage", "list", "--name-only"], tmp_path).stdout.split()
+    ours = stages(load_params(tmp_path / "params.yaml"), tmp_path)
+    assert sorted(out) == sorted(s.name for s in ours.values())
+    assert {f"sweep/lstm/lr{lr}" for lr in lrs} | {"seeds/lstm/seed2", "phase1/seed1", "pick_lr"} <= set(ours)

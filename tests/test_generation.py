@@ -1,9 +1,11 @@
 """Streaming generation: determinism, real streaming, exactness of the carried state, O(1) state, decoding,
 and the `newllm generate` command."""
 
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import section, write_params
+from helpers import section, use_project_dvc_yaml, write_params
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from newllm import cli
@@ -12,7 +14,7 @@ from newllm.data.tokenizers import EOS, UNK
 from newllm.generation import decode_stream, stream_tokens
 from newllm.models.cvfp import NewLLM
 from newllm.models.cvp import CVPLM
-from newllm.models.factory import checkpoint_path, save_model
+from newllm.models.factory import save_model
 from newllm.models.lstm import LSTMLM
 from newllm.models.transformer import TransformerLM
 from newllm.report.probes import tensor_bytes
@@ -160,7 +162,10 @@ def workspace(tmp_path, monkeypatch):
     torch.manual_seed(0)
     cfg = section("lstm", **lstm)
     model = LSTMLM.from_config(cfg, tok.get_vocab_size())
-    save_model(checkpoint_path("lstm", tmp_path / "data" / "checkpoints"), "lstm", model, cfg, tok.get_vocab_size())
+    use_project_dvc_yaml(tmp_path)  # where each cell's checkpoint is
+    (tmp_path / "data" / "lr").mkdir()
+    (tmp_path / "data" / "lr" / "lstm.json").write_text('{"lr": 0.001}')  # as if pick_lr had chosen it
+    save_model(tmp_path / "data/checkpoints/sweep/lstm/lr0.001.pt", "lstm", model, cfg, tok.get_vocab_size())
     return tok
 
 
@@ -179,4 +184,9 @@ def test_generate_command_streams_seeded_text(workspace, capsys):
 def test_generate_command_missing_checkpoint_is_one_clear_line(workspace, capsys):
     assert cli.main(["generate", "--model", "newllm", "--prompt", "the"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint not found: data/checkpoints/phase2_train.pt") and "\n" not in err
+    assert err.startswith("error: data/lr/phase2_train.json not found: the lr sweep has not") and "\n" not in err
+    Path("data/lr/phase2_train.json").write_text('{"lr": 0.003}')
+    assert cli.main(["generate", "--model", "newllm", "--prompt", "the"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: checkpoint not found: ") and err.endswith("(run the stage that writes it: `dvc repro`)")
+    assert "data/checkpoints/sweep/phase2_train/lr0.003.pt" in err

@@ -47,8 +47,11 @@ def api(base: str, endpoint: str, query: dict | None = None, body: dict | None =
         return json.loads(resp.read())
 
 
+CELL = "sweep/phase2_train/lr0.001"  # one sweep cell of New-LLM (dvc.yaml)
+
+
 def two_run_store(root: Path) -> tuple[str, dict[str, str]]:
-    """A SQLite store under `root` holding two FINISHED `phase2_train` runs written by tracking.stage_run,
+    """A SQLite store under `root` holding two FINISHED runs of one New-LLM sweep cell written by tracking.stage_run,
     one per experiment of CONTEXT_DIMS, each with a 3-point `val_loss` history; returns (uri, exp -> run id)."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
     run_ids = {}
@@ -60,7 +63,7 @@ def two_run_store(root: Path) -> tuple[str, dict[str, str]]:
         for exp, ctx in CONTEXT_DIMS.items():
             mp.setenv("DVC_EXP_NAME", exp)
             params = default_params(context_dim=ctx, tracking={"uri": uri, "experiment": "t"})
-            with tracking.stage_run("phase2_train", params) as run:
+            with tracking.stage_run(CELL, params) as run:
                 for step in range(3):
                     run.log_step({"val_loss": 3.0 - step * ctx / 100}, step=step)
                 run.finish({"val_ppl": math.exp(3.0 - 2 * ctx / 100), "params_total": 1000 * ctx})
@@ -119,16 +122,16 @@ def test_server_serves_both_runs_params_and_experiment_tag(served):
     exp = api(base, "experiments/get-by-name", {"experiment_name": "t"})["experiment"]
     assert {t["key"]: t["value"] for t in exp["tags"]}[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     found = api(base, "runs/search", body={"experiment_ids": [exp["experiment_id"]],
-                                            "filter": "tags.`dvc.stage` = 'phase2_train'", "max_results": 10})
+                                            "filter": f"tags.`dvc.stage` = '{CELL}'", "max_results": 10})
     runs = {r["info"]["run_id"]: r for r in found["runs"]}
     assert set(runs) == set(run_ids.values())
     for exp_name, run_id in run_ids.items():
         r = runs[run_id]
         params = {p["key"]: p["value"] for p in r["data"]["params"]}
         tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
-        assert r["info"]["run_name"] == f"phase2_train:{exp_name}" and r["info"]["status"] == "FINISHED"
-        assert params["context_dim"] == str(CONTEXT_DIMS[exp_name]) and params["phase2.lr"] == "0.002"
-        assert tags["dvc.exp_name"] == exp_name and tags["dvc.stage"] == "phase2_train"
+        assert r["info"]["run_name"] == f"{CELL}:{exp_name}" and r["info"]["status"] == "FINISHED"
+        assert params["context_dim"] == str(CONTEXT_DIMS[exp_name]) and params["lr"] == "0.001"
+        assert tags["dvc.exp_name"] == exp_name and tags["dvc.stage"] == CELL
         assert {m["key"] for m in r["data"]["metrics"]} >= {"val_loss", "final.val_ppl", "final.params_total"}
     # The same search the UI makes when filtering on a param.
     only_32 = api(base, "runs/search", body={"experiment_ids": [exp["experiment_id"]],

@@ -27,32 +27,52 @@ def _runs_by_stage(proj: Path) -> dict[str, list]:
     return out
 
 
+MODELS = {"New-LLM": "phase2_train", "Transformer": "transformer", "LSTM": "lstm", "CVP": "cvp",
+          "New-LLM, Phase 1 off": "phase1_off", "New-LLM, end-to-end": "end_to_end"}
+
+
+def _seed_metrics(project: Path, record: str) -> list[dict]:
+    """A model's metrics files with its chosen lr: the sweep cell on seed 0, then each replicate seed."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    lr = json.loads((project / f"data/lr/{record}.json").read_text())["lr"]
+    files = [f"sweep/{record}/lr{lr}"] + [f"seeds/{record}/seed{s}" for s in params["protocol"]["replicates"]]
+    return [json.loads((project / f"reports/metrics/{f}.json").read_text()) for f in files]
+
+
+def _pm(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{_fmt(mean)} ± {_fmt(std)}"
+
+
 def _check_report(project: Path) -> None:
-    """Every main-table value equals the metrics file it comes from; the HTML renders in a real browser."""
+    """Every main-table value equals the mean ± std of the metrics files it comes from (computed here
+    independently); the HTML renders in a real browser."""
     md = (project / "reports/report.md").read_text()
     rows = [line.strip("|").split("|") for line in md.split("## Main table")[1].split("##")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| model")]
-    stages = {"New-LLM": "phase2_train", "Transformer": "baselines/transformer", "LSTM": "baselines/lstm",
-              "CVP": "baselines/cvp", "New-LLM, Phase 1 off": "controls/phase1_off",
-              "New-LLM, end-to-end": "controls/end_to_end"}
-    assert [r[0].strip() for r in rows] == list(stages)
+    assert [r[0].strip() for r in rows] == list(MODELS)
     for row in rows:
-        m = json.loads((project / f"reports/metrics/{stages[row[0].strip()]}.json").read_text())
+        seeds = _seed_metrics(project, MODELS[row[0].strip()])
+        assert len(seeds) >= 2 and len({m["seed"] for m in seeds}) == len(seeds)
+        m = seeds[0]
         cells = [c.strip() for c in row]
         assert cells[1] == f"{m['params_trainable']:,} / {m['params_total']:,}"
-        assert cells[2:4] == [_fmt(m["train_tokens"]), _fmt(m["optimizer_steps"])]
-        assert cells[4].startswith(f"{m['best_epoch']} / {m['epochs_run']}")
-        assert cells[5:9] == [_fmt(m["val_loss"]), _fmt(m["test_loss"]), _fmt(m["test_ppl"]), _fmt(m["test_accuracy"])]
+        assert cells[2].split()[0] == f"{m['lr']:g}"
+        assert cells[5].startswith(", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in seeds))
+        for col, key in zip(range(6, 10), ("val_loss", "test_loss", "test_ppl", "test_accuracy"), strict=True):
+            assert cells[col] == _pm([r[key] for r in seeds]), (row[0], key)
     report = json.loads((project / "reports/metrics/report.json").read_text())
-    p2 = json.loads((project / "reports/metrics/phase2_train.json").read_text())
-    assert report["newllm_test_ppl"] == p2["test_ppl"] and report["newllm_val_ppl"] == p2["val_ppl"]
+    p2 = _seed_metrics(project, "phase2_train")
+    assert report["newllm_test_ppl"] == pytest.approx(sum(r["test_ppl"] for r in p2) / len(p2), abs=1e-4)
+    assert report["seeds"] == len(p2)
     if find_chromium() is None:  # CI installs Debian's chromium (.ci/run); elsewhere the check is optional
         assert not os.environ.get("CI"), "CI must have chromium for the report's browser check"
         warnings.warn("no chromium binary: report.html was not rendered in a browser", stacklevel=1)
         return
     shot = project / "report.png"
     dom = render_page(project / "reports/report.html", screenshot=shot)
-    assert "<table" in dom and dom.count("data:image/png;base64,") == 3 and "Main table" in dom
+    assert "<table" in dom and dom.count("data:image/png;base64,") == 4 and "Main table" in dom
     assert shot.stat().st_size > 10_000
     if os.environ.get("NEWLLM_SAVE_SCREENSHOTS") == "1":
         dest = REPO / "reports" / "screenshots"
@@ -60,17 +80,53 @@ def _check_report(project: Path) -> None:
         shutil.copy(shot, dest / "report.png")
 
 
-def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
+def _cells(family: str, values: list, baselines=("transformer", "lstm", "cvp")) -> set[str]:
+    """DVC's names of one axis value's cells across every model (`_sweep` by lr, `_seeds` by seed)."""
+    return {f"{f}_{family}@{v}" for f in ("phase2", "phase1_off", "end_to_end") for v in values} | {
+        f"baseline_{family}@{b}-{v}" for b in baselines for v in values}
+
+
+def _set(value, *keys):
+    """An edit of params.yaml's text that sets params[keys[0]][keys[1]]... to `value`."""
+    def edit(text: str) -> str:
+        params = yaml.safe_load(text)
+        node = params
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+        return yaml.safe_dump(params, sort_keys=False)
+    return edit
+
+
+def _status_after(project: Path, path: str, expected: set[str], edit=lambda text: text + "# touched\n") -> None:
+    """The stages `dvc status` says an edit of `path` (by default, a comment appended) makes stale,
+    checked against `expected`; the edit is then undone."""
+    f = project / path
+    text = f.read_text()
+    f.write_text(edit(text))
+    try:
+        status = yaml.safe_load(run(["dvc", "status", "--json"], project).stdout) or {}
+        assert set(status) == expected, (path, sorted(status))
+    finally:
+        f.write_text(text)
+
+
+def _chosen(project: Path) -> dict[str, float]:
+    return {f.stem: json.loads(f.read_text())["lr"] for f in (project / "data/lr").glob("*.json")}
+
+
+def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     first = run(["dvc", "repro"], project)
-    assert "Running stage 'generate_dataset'" in first.stdout and "Running stage 'tokenize'" in first.stdout
+    ran = _ran(first.stdout)
+    assert ran == {"generate_dataset", "tokenize", "phase1_cvfp", "phase1_seeds@1", "param_budget", "pick_lr",
+                   "report"} | _cells("sweep", [0.01]) | _cells("seeds", [1]), ran
     assert (project / "data/dataset/train.txt").is_file() and (project / "data/tokens/train.npy").is_file()
-    for stage in ("tokenize", "phase1_cvfp", "phase2_train", "baselines/transformer", "baselines/lstm", "baselines/cvp"):
-        assert (project / f"reports/metrics/{stage}.json").is_file(), stage
     _check_report(project)
     runs = _runs_by_stage(project)
-    assert {s: len(r) for s, r in runs.items() if s in ("generate_dataset", "tokenize")} == {
-        "generate_dataset": 1, "tokenize": 1}
-    assert all(r.info.status == "FINISHED" for rs in runs.values() for r in rs)
+    assert all(len(r) == 1 and r[0].info.status == "FINISHED" for r in runs.values()), runs
+    replicate = runs["seeds/lstm/seed1"][0].data.params  # a cell logs its own seed and the lr it was given
+    assert replicate["seed"] == "1" and float(replicate["lr"]) == _chosen(project)["lstm"] == 0.01
+    assert runs["sweep/lstm/lr0.01"][0].data.params["seed"] == "0"
 
     t0 = time.time()
     again = run(["dvc", "repro"], project)
@@ -78,45 +134,51 @@ def test_repro_then_tokenizer_ablation_reruns_only_downstream(project: Path):
 
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
-    exp = run(["dvc", "exp", "run", "-n", "char-tok", "-S", "tokenizer.kind=char"], project)
-    assert "Running stage 'tokenize'" in exp.stdout
-    assert "Running stage 'generate_dataset'" not in exp.stdout
-    runs = _runs_by_stage(project)
-    assert len(runs["generate_dataset"]) == 1 and len(runs["tokenize"]) == 2
-    char_run = next(r for r in runs["tokenize"] if r.data.tags["dvc.exp_name"] == "char-tok")
-    assert char_run.data.params["tokenizer.kind"] == "char" and char_run.info.run_name == "tokenize:char-tok"
+    assert "up to date" in run(["dvc", "status"], project).stdout
+    # What an edit makes stale, asked of `dvc status` (then undone): a model file, that model's cells and
+    # the report (which rebuilds every model); Phase 1's code, New-LLM's cells and the Phase 1 control's
+    # (they compute contexts with it); a Phase 1 param, Phase 1 alone (its checkpoint then reaches only
+    # New-LLM's cells: tests/test_config.py checks the deps).
+    _status_after(project, "src/newllm/models/lstm.py", {"baseline_seeds@lstm-1", "baseline_sweep@lstm-0.01", "report"})
+    phase1 = {"phase1_cvfp", "phase1_seeds@1"}
+    _status_after(project, "src/newllm/training/phase1.py", phase1 | {
+        "phase2_sweep@0.01", "phase2_seeds@1", "phase1_off_sweep@0.01", "phase1_off_seeds@1"})
+    _status_after(project, "params.yaml", phase1, _set(0.005, "phase1", "lr"))
 
-    # A New-LLM size param reruns both phases and every baseline (each is sized to New-LLM's params).
-    ctx = run(["dvc", "exp", "run", "-n", "ctx32", "-S", "context_dim=32"], project)
-    ran = _ran(ctx.stdout)
-    assert ran == {"phase1_cvfp", "phase2_train", "param_budget", "baseline@transformer", "baseline@lstm",
-                   "baseline@cvp", "phase1_off", "end_to_end", "report"}, ran
+    # One more lr in the sweep runs its cells only; a replicate reruns only when its model's pick moved.
+    before = _chosen(project)
+    lrs = run(["dvc", "exp", "run", "-n", "lr2", "-S", "protocol.lrs=[0.01,0.03]"], project)
+    after = _chosen(project)
+    moved = [r for r in after if after[r] != before[r]]
+    family = {"phase2_train": "phase2_seeds@1", "phase1_off": "phase1_off_seeds@1", "end_to_end": "end_to_end_seeds@1"}
+    expected = _cells("sweep", [0.03]) | {"pick_lr", "report"} | {family.get(r, f"baseline_seeds@{r}-1") for r in moved}
+    assert _ran(lrs.stdout) == expected, (lrs.stdout[-3000:], moved)
+
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
-    assert "ctx32" in shown and "char-tok" in shown
+    assert "lr2" in shown
     runs = _runs_by_stage(project)
-    p2 = {r.data.tags["dvc.exp_name"]: r for r in runs["phase2_train"]}
-    assert p2["ctx32"].data.params["context_dim"] == "32" and p2["workspace"].data.params["context_dim"] == "16"
+    assert len(runs["generate_dataset"]) == 1 and len(runs["tokenize"]) == 1  # nothing upstream reran
+    (new,) = runs["sweep/phase2_train/lr0.03"]
+    assert new.data.tags["dvc.exp_name"] == "lr2" and new.info.run_name == "sweep/phase2_train/lr0.03:lr2"
+    assert new.data.params["lr"] == "0.03" and new.data.params["context_dim"] == "16"
     assert [m.step for m in MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(
-        p2["ctx32"].info.run_id, "val_loss")] == [1, 2]
-    assert len(runs["phase1_cvfp"]) == 3 and len(runs["lstm"]) == 3
+        new.info.run_id, "val_loss")] == [1, 2]
 
-    # A New-LLM param that keeps its size reruns no baseline.
-    p1 = run(["dvc", "exp", "run", "-n", "p1lr", "-S", "phase1.lr=0.005"], project)
-    assert _ran(p1.stdout) == {"phase1_cvfp", "phase2_train", "report"}, p1.stdout
-
-    # A model's own lr (each section has one) reruns that model only; the report follows its checkpoint.
-    lr = run(["dvc", "exp", "run", "-n", "tlr", "-S", "transformer.lr=3e-4"], project)
-    assert _ran(lr.stdout) == {"baseline@transformer", "report"}, lr.stdout
-    tlr = next(r for r in _runs_by_stage(project)["transformer"] if r.data.tags["dvc.exp_name"] == "tlr")
-    assert tlr.data.params["transformer.lr"] == "0.0003" and tlr.data.params["transformer.epochs"] == "2"
+    # A New-LLM size param makes New-LLM's, the controls' and the budget's cells stale (the baselines follow
+    # the budget file they are sized by); the data stages never rerun for a model param.
+    own = _cells("sweep", [0.01, 0.03], baselines=()) | _cells("seeds", [1], baselines=())
+    _status_after(project, "params.yaml", {"phase1_cvfp", "phase1_seeds@1", "param_budget"} | own,
+                  _set(32, "context_dim"))
 
 
-def test_bad_params_leave_no_output_and_no_running_run(project: Path):
-    params = (project / "params.yaml").read_text().replace("kind: word", "kind: wordpiece")
-    (project / "params.yaml").write_text(params)
+def test_bad_params_leave_no_output_and_no_running_run(project: Path, edit: dict, message: str):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, value in edit.items():
+        params[section] = {**params[section], **value} if isinstance(value, dict) else value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     res = run(["dvc", "repro"], project, check=False)
     assert res.returncode != 0
-    assert "tokenizer.kind must be one of: word, char, bpe, gpt2" in res.stderr + res.stdout
+    assert message in res.stderr + res.stdout
     assert not (project / "data/dataset").exists() and not (project / "mlflow.db").exists()
 
 
@@ -163,38 +225,23 @@ def test_an_added_model_is_one_module_one_registry_entry_one_params_section(proj
                         BIGRAM_CONFIG + "# ---------------------------------------------------------------------------------------------- table")
     registry.write_text(text)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["baselines"].append("bigram")
-    params["bigram"] = {"lr": 0.01, "embed_dim": 8}
+    params["baselines"] = ["bigram"]  # alone, to keep the test short
+    params["bigram"] = {"embed_dim": 8}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run(["git", "status", "--porcelain", "--untracked-files=all"], project).stdout.split()
     assert sorted(changed[1::2]) == ["params.yaml", "src/newllm/models/bigram.py", "src/newllm/registry.py"]
 
     own = {"PYTHONPATH": str(project / "src")}  # the copy's package, not the installed one
     out = run(["dvc", "repro"], project, extra_env=own).stdout
-    assert "Running stage 'baseline@bigram'" in out
-    m = json.loads((project / "reports/metrics/baselines/bigram.json").read_text())
+    assert "Running stage 'baseline_sweep@bigram-0.01'" in out and "Running stage 'baseline_seeds@bigram-1'" in out
+    m = json.loads((project / "reports/metrics/sweep/bigram/lr0.01.json").read_text())
     assert m["params_total"] == 2 * 8 * json.loads((project / "data/tokens/meta.json").read_text())["vocab_size"] \
         + json.loads((project / "data/tokens/meta.json").read_text())["vocab_size"]
     md = (project / "reports/report.md").read_text()
     # no width search: it runs, unmatched, with no ratio
     row = next(line for line in md.splitlines() if line.startswith("| Bigram (unmatched) |"))
     assert "New-LLM / Bigram" not in md
-    assert f"{m['val_loss']:.4f}" in row
+    assert f"{m['best_epoch']}/{m['epochs_run']}" in row
     gen = run(["newllm", "generate", "--model", "bigram", "--prompt", "the", "--max-new-tokens", "5"], project,
               extra_env=own)
     assert gen.stdout.startswith("the") and len(gen.stdout.split()) >= 2
-
-
-def test_touching_one_model_file_reruns_only_its_stage_and_the_report(project: Path):
-    run(["dvc", "repro"], project)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "repro"], project)
-    assert "up to date" in run(["dvc", "status"], project).stdout
-    with (project / "src/newllm/models/lstm.py").open("a") as f:
-        f.write("# touched\n")
-    status = yaml.safe_load(run(["dvc", "status", "--json"], project).stdout) or {}
-    assert sorted(status) == ["baseline@lstm", "report"], status
-    with (project / "src/newllm/training/phase1.py").open("a") as f:
-        f.write("# touched\n")
-    status = yaml.safe_load(run(["dvc", "status", "--json"], project).stdout) or {}
-    assert sorted(status) == ["baseline@lstm", "phase1_cvfp", "phase1_off", "phase2_train", "report"], status

@@ -34,20 +34,20 @@ def _runs(uri: str, name: str = "t"):
 def test_stage_run_logs_params_curves_tags_and_writes_dvc_files(store, monkeypatch):
     params, uri = store
     monkeypatch.setenv("DVC_EXP_NAME", "exp-ctx512")
-    with tracking.stage_run("phase1_cvfp", params) as run:
+    with tracking.stage_run("phase1/seed0", params) as run:
         for i in range(3):
             run.log_step({"loss": 1.0 / (i + 1), "er_pct": 10.0 * i}, step=i)
         run.finish({"er_pct": 20.0, "params_total": 123})
     client, (r,) = _runs(uri)
-    assert r.info.status == "FINISHED" and r.info.run_name == "phase1_cvfp:exp-ctx512"
+    assert r.info.status == "FINISHED" and r.info.run_name == "phase1/seed0:exp-ctx512"
     assert r.data.params["phase1.lr"] == "0.002" and r.data.params["context_dim"] == "256"
-    assert "phase2.lr" not in r.data.params  # only what the stage reads
+    assert "phase2.streams" not in r.data.params  # only what the stage reads
     assert [m.value for m in client.get_metric_history(r.info.run_id, "loss")] == [1.0, 0.5, 1 / 3]
-    assert r.data.tags["dvc.stage"] == "phase1_cvfp" and r.data.tags["dvc.exp_name"] == "exp-ctx512"
-    assert r.data.tags["params_hash"] == params_hash(params, "phase1_cvfp")
+    assert r.data.tags["dvc.stage"] == "phase1/seed0" and r.data.tags["dvc.exp_name"] == "exp-ctx512"
+    assert r.data.tags["params_hash"] == params_hash(params, "phase1/seed0")
     assert r.data.metrics["final.params_total"] == 123
-    assert json.loads(Path("reports/metrics/phase1_cvfp.json").read_text()) == {"er_pct": 20.0, "params_total": 123}
-    assert Path("reports/plots/phase1_cvfp.csv").read_text().splitlines()[0] == "step,loss,er_pct"
+    assert json.loads(Path("reports/metrics/phase1/seed0.json").read_text()) == {"er_pct": 20.0, "params_total": 123}
+    assert Path("reports/plots/phase1/seed0.csv").read_text().splitlines()[0] == "step,loss,er_pct"
     exp = client.get_experiment_by_name("t")
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert exp.artifact_location.endswith("/mlartifacts")
@@ -69,7 +69,7 @@ def test_sigterm_marks_the_run_killed(store, tmp_path: Path):
         "import sys, time\nfrom newllm import tracking\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\nfrom helpers import default_params\n"
         f"p = default_params(tracking={{'uri': {uri!r}, 'experiment': 't'}})\n"
-        "with tracking.stage_run('phase2_train', p):\n"
+        "with tracking.stage_run('sweep/phase2_train/lr0.001', p):\n"
         "    print('started', flush=True)\n    time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "started"
@@ -81,14 +81,16 @@ def test_sigterm_marks_the_run_killed(store, tmp_path: Path):
 
 def test_sync_replays_files_once(store):
     params, uri = store
-    tracking.write_metrics(Path("reports/metrics/phase2_train.json"), {"val_ppl": 12.5})
-    tracking.write_plot(Path("reports/plots/phase2_train.csv"), [{"step": 0, "val_loss": 3.0}, {"step": 1, "val_loss": 2.5}])
-    assert tracking.sync(params, ["phase2_train", "tokenize"]) == ["phase2_train"]
-    assert tracking.sync(params, ["phase2_train", "tokenize"]) == []
+    cell = "seeds/lstm/seed1"
+    tracking.write_metrics(Path(f"reports/metrics/{cell}.json"), {"val_ppl": 12.5})
+    tracking.write_plot(Path(f"reports/plots/{cell}.csv"), [{"step": 0, "val_loss": 3.0}, {"step": 1, "val_loss": 2.5}])
+    assert tracking.sync(params, [cell, "tokenize"]) == [cell]
+    assert tracking.sync(params, [cell, "tokenize"]) == []
     client, runs = _runs(uri)
     assert len(runs) == 1 and runs[0].data.tags["newllm.synced"] == "true"
     assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [3.0, 2.5]
     assert runs[0].data.metrics["final.val_ppl"] == 12.5
+    assert runs[0].data.params["seed"] == "1"  # the cell's seed, not params.yaml's
 
 
 def test_unreachable_server_fails_within_seconds(monkeypatch):

@@ -60,12 +60,15 @@ def _generate(args: argparse.Namespace) -> int:
     from newllm.errors import PipelineError
     from newllm.generation import decode_stream, encode_prompt, stream_tokens
     from newllm.models.factory import load_model
+    from newllm.protocol import checkpoint
 
     params = load_params_or_exit(args.params)
     rep = params.report  # unset flags fall back to the report's generation settings
     cache = load_cache()
     tok, eos = cache.tokenizer(), int(cache.meta["eos_id"])
-    model = load_model(args.model, cache.vocab_size)
+    path = checkpoint(params, args.model)
+    print(f"{args.model}: {path} (seed {params.seed}, the lr chosen on val)", file=sys.stderr)
+    model = load_model(args.model, cache.vocab_size, path)
     prompt = rep.prompts[0] if args.prompt is None else args.prompt
     ids = encode_prompt(tok, prompt, eos)
     unk = cache.meta.get("unk_id")

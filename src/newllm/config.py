@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from newllm import dag
-from newllm.registry import BASELINES, MODELS, PER_MODEL_TRAIN_KEYS, TrainConfig
+from newllm.registry import BASELINES, MODELS, TrainConfig
 from newllm.schema import ConfigError, build, knob
 
 __all__ = ["ConfigError", "Params", "load_params", "parse_params", "stage_params", "params_hash"]
@@ -104,6 +104,12 @@ class ProtocolConfig:
     # every baseline is sized to New-LLM's total parameter count (±10 %) by a width search; a baseline
     # without one is reported as unmatched, with no ratio
     match_params: bool = knob()
+    # The one learning-rate sweep: every model (New-LLM's Phase 2, each baseline, each control) trains once
+    # per value on `seed`, and its lowest val loss picks its lr (dvc.yaml's `*_sweep` cells, `pick_lr`).
+    lrs: list[float] = knob(lo=0.0, lo_open=True)
+    # More seeds the chosen lr is retrained on (init, dropout and batch order; the data stays): the tables
+    # give the mean and std over `seed` and these.
+    replicates: list[int] = knob(lo=0)
 
 
 @dataclass
@@ -112,10 +118,10 @@ class TrackingConfig:
     experiment: str = knob()
 
 
-# The `train:` section: every TrainConfig key but the per-model ones (a model section sets those itself).
+# The `train:` section: every TrainConfig key, for all models (a model section may override any).
 TrainDefaults = dataclasses.make_dataclass("TrainDefaults", [
     (f.name, typing.get_type_hints(TrainConfig)[f.name], field(metadata=f.metadata))
-    for f in dataclasses.fields(TrainConfig) if f.name not in PER_MODEL_TRAIN_KEYS])
+    for f in dataclasses.fields(TrainConfig)])
 
 
 @dataclass
@@ -211,6 +217,17 @@ def _cross_checks(p: Any) -> None:
                           + ", ".join(BASELINES))
     if len(set(p.baselines)) != len(p.baselines):
         raise ConfigError(f"params.yaml: baselines has duplicates: {p.baselines}")
+    lrs, seeds = p.protocol.lrs, [p.seed, *p.protocol.replicates]
+    if not lrs:
+        raise ConfigError("params.yaml: protocol.lrs is empty: the sweep needs at least one learning rate")
+    if len(set(lrs)) != len(lrs):
+        raise ConfigError(f"params.yaml: protocol.lrs has duplicates: {lrs}")
+    if not p.protocol.replicates:
+        raise ConfigError("params.yaml: protocol.replicates is empty: the tables give mean ± std over seed and at "
+                          "least one more seed (e.g. [1, 2])")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"params.yaml: protocol.replicates must not repeat a seed or the top-level seed "
+                          f"({p.seed}), got {p.protocol.replicates}")
     if p.transformer.n_embd % p.transformer.n_head:
         raise ConfigError(f"params.yaml: transformer.n_embd ({p.transformer.n_embd}) must be divisible by "
                           f"transformer.n_head ({p.transformer.n_head})")
@@ -277,7 +294,9 @@ def stage_params(params: Any, stage: str, root: Path = Path(".")) -> dict[str, A
     keys = dvc_stages[stage].params + dag.upstream_params(dvc_stages, stage)
     # `train.*` is never logged: each model section holds its resolved values (lstm.epochs, not train.epochs)
     flat = {k: v for k, v in flatten(to_dict(params)).items() if not k.startswith("train.")}
-    return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
+    picked = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
+    return {**picked, **dict(dvc_stages[stage].cell)}  # a cell's own seed or lr wins over the params'
+
 
 
 def params_hash(params: Any, stage: str, root: Path = Path(".")) -> str:

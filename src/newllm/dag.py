@@ -3,12 +3,14 @@
 Stages take their outs (removed on failure) and params (logged to MLflow, hashed into `params_hash`) from
 here instead of restating them. A stage's *identity* also covers what its input files were made with:
 the params of every stage upstream of it in the DAG (`upstream_params`), so two runs on different data
-never look alike in MLflow. Only what our dvc.yaml uses is resolved: `foreach` over a literal list or
-over `${<param>}`, and `${item}` inside its `do:`.
+never look alike in MLflow. What our dvc.yaml uses is resolved as DVC does: `foreach` (a list or
+`${<param>}`), `matrix` (axes of lists or `${<param>}`), and `${item}`, `${item.<axis>}`, `${key}`,
+`${<param>}` and `${<param>[i]}` in the stage body.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +21,19 @@ import yaml
 from newllm.errors import PipelineError
 
 DVC_YAML = "dvc.yaml"
+METRICS_DIR = "reports/metrics/"  # a stage's record is its metrics file's path under here
 
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # DVC's: "tokenize", "baseline@lstm"
-    record: str  # its metrics/plots file and MLflow `dvc.stage` tag: "tokenize", "lstm"
+    name: str  # DVC's: "tokenize", "baseline_sweep@lstm-0.001"
+    record: str  # its metrics file under reports/metrics/ and MLflow `dvc.stage` tag: "tokenize", "lstm/lr0.001"
     cmd: str
     params: tuple[str, ...]
     deps: tuple[str, ...]
     outs: tuple[str, ...]  # cached outputs (removed when the stage fails)
     records: tuple[str, ...]  # its metrics and plots files (git-tracked, written only on success)
+    cell: tuple[tuple[str, Any], ...] = ()  # a matrix cell's values but `model`: (("lr", 0.001),)
 
     @property
     def metrics_file(self) -> Path | None:
@@ -47,42 +51,73 @@ def _paths(entries: list[Any]) -> tuple[str, ...]:
     return tuple(e if isinstance(e, str) else next(iter(e)) for e in entries or [])
 
 
-def _substitute(node: Any, item: str) -> Any:
+_REF = re.compile(r"\$\{([\w.\[\]]+)\}")
+
+
+def _lookup(ref: str, context: dict[str, Any], where: str) -> Any:
+    """`a.b[0]` in `context` (params, `item`, `key`), as DVC's interpolation reads it."""
+    value: Any = context
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", ref):
+        try:
+            value = value[int(part[1:-1])] if part.startswith("[") else value[part]
+        except (KeyError, IndexError, TypeError):
+            raise PipelineError(f"{where}: ${{{ref}}} does not resolve") from None
+    return value
+
+
+def _substitute(node: Any, context: dict[str, Any], where: str) -> Any:
     if isinstance(node, str):
-        return node.replace("${item}", item)
+        full = _REF.fullmatch(node)
+        if full:
+            return _lookup(full.group(1), context, where)
+        return _REF.sub(lambda m: str(_lookup(m.group(1), context, where)), node)
     if isinstance(node, list):
-        return [_substitute(n, item) for n in node]
+        return [_substitute(n, context, where) for n in node]
     if isinstance(node, dict):
-        return {_substitute(k, item): _substitute(v, item) for k, v in node.items()}
+        return {_substitute(k, context, where): _substitute(v, context, where) for k, v in node.items()}
     return node
 
 
-def _stage(name: str, record: str, body: dict[str, Any]) -> Stage:
-    return Stage(name, record, body.get("cmd", ""), _paths(body.get("params")), _paths(body.get("deps")), _paths(body.get("outs")),
-                 _paths(body.get("metrics")) + _paths(body.get("plots")))
+def _stage(name: str, body: dict[str, Any], where: Path, cell: dict[str, Any]) -> Stage:
+    records = _paths(body.get("metrics")) + _paths(body.get("plots"))
+    metrics = next((p for p in records if p.endswith(".json")), None)
+    if metrics is None or not metrics.startswith(METRICS_DIR):
+        raise PipelineError(f"{where}: stage {name} declares no metrics file under {METRICS_DIR}")
+    record = metrics[len(METRICS_DIR):-len(".json")]
+    return Stage(name, record, body.get("cmd", ""), _paths(body.get("params")), _paths(body.get("deps")),
+                 _paths(body.get("outs")), records, tuple((k, v) for k, v in cell.items() if k != "model"))
+
+
+def _cells(name: str, body: dict[str, Any], params: dict[str, Any], where: Path) -> list[tuple[str, dict]]:
+    """(DVC's stage name, interpolation context) of each generated stage: `foreach` gives `name@item`,
+    `matrix` `name@v1-v2` (DVC's naming); a plain stage is one cell."""
+    resolve = lambda v: _substitute(v, params, f"{where}: stage {name}")  # noqa: E731
+    if "foreach" in body:
+        return [(f"{name}@{item}", {"item": item, "key": str(item)}) for item in resolve(body["foreach"])]
+    if "matrix" in body:
+        axes = {k: resolve(v) for k, v in body["matrix"].items()}
+        cells = []
+        for values in itertools.product(*axes.values()):
+            key = "-".join(map(str, values))
+            cells.append((f"{name}@{key}", {"item": dict(zip(axes, values, strict=True)), "key": key}))
+        return cells
+    return [(name, {})]
 
 
 def load_stages(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Stage]:
-    """Every stage of root/dvc.yaml, keyed by record; `params` (the raw params.yaml mapping) resolves
-    `foreach: ${key}`."""
+    """Every stage of root/dvc.yaml, keyed by record (its metrics file under reports/metrics/, without
+    .json: "tokenize", "sweep/lstm/lr0.001"); `params` (validated, as a mapping) resolves `${...}`."""
     path = Path(root) / DVC_YAML
     if not path.is_file():
         raise PipelineError(f"{path} not found: run stages from the project root (as `dvc repro` does)")
     stages: dict[str, Stage] = {}
     for name, body in (yaml.safe_load(path.read_text()) or {}).get("stages", {}).items():
-        if "foreach" not in body:
-            stages[name] = _stage(name, name, body)
-            continue
-        items = body["foreach"]
-        if isinstance(items, str):
-            ref = re.fullmatch(r"\$\{([\w.]+)\}", items)
-            if ref is None:
-                raise PipelineError(f"{path}: stage {name}: foreach {items!r} is not a list or ${{param}}")
-            items = params
-            for key in ref.group(1).split("."):
-                items = items[key]
-        for item in items:
-            stages[str(item)] = _stage(f"{name}@{item}", str(item), _substitute(body["do"], str(item)))
+        template = body.get("do", body)
+        for cell, context in _cells(name, body, params, path):
+            item = context.get("item")
+            stage = _stage(cell, _substitute(template, {**params, **context}, f"{path}: stage {cell}"), path,
+                           item if isinstance(item, dict) else {})
+            stages[stage.record] = stage
     return stages
 
 

@@ -45,32 +45,50 @@ def make_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)  # a CUDA op without a deterministic kernel warns
 
 
-def run_stage(stage: str, body: Callable[[Params, Any], None]) -> None:
+def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any], None]) -> None:
     """Validate params, open the stage's MLflow run, run `body(params, run)`, clean up on failure.
 
-    `stage` is the stage's record name (its metrics file's): "phase1_cvfp", or the item of a foreach
-    stage ("lstm" for baseline@lstm). Its outputs are the ones dvc.yaml declares."""
+    `stage` is the stage's record (its metrics file under reports/metrics/, dag.py): "tokenize",
+    "sweep/lstm/lr0.001", or a function of the params giving it (a cell named by its command line, which
+    may read the chosen lr). Its outputs are the ones dvc.yaml declares (`run.declared`)."""
     params = load_params_or_exit()
     try:
+        record = stage if isinstance(stage, str) else stage(params)
         declared = stages(params)
-        if stage not in declared:
-            raise PipelineError(f"dvc.yaml has no stage for {stage!r} (a baseline runs only when params.yaml's "
-                                f"baselines lists it: {', '.join(params.baselines)})")
+        if record not in declared:
+            raise PipelineError(f"dvc.yaml has no stage for {record!r} under these params (a baseline runs only "
+                                f"when params.yaml's baselines lists it: {', '.join(params.baselines)}; an lr "
+                                f"or a seed only when protocol lists it)")
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    outs = list(declared[stage].outs)
+    outs = list(declared[record].outs)
     from newllm import tracking  # MLflow and torch are imported only once the params are known to be good
 
     make_deterministic()
 
     try:
-        with tracking.stage_run(stage, params) as run:
+        with tracking.stage_run(record, params) as run:
             body(params, run)
     except PipelineError as e:
         _remove(outs)
-        print(f"error: {stage}: {e}", file=sys.stderr)
+        print(f"error: {record}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except BaseException:
         _remove(outs)
         raise
+
+
+def run_cell(name: str, argv: list[str], body: Callable[[Params, Any, Any], None]) -> None:
+    """run_stage for one protocol cell of registered model `name`, named by its command line (`--lr X` or
+    `--seed N`, protocol.cell); `body(params, run, cell)` gets the cell's seed and lr."""
+    from newllm.protocol import cell
+    from newllm.registry import MODELS
+
+    resolved: dict[str, Any] = {}
+
+    def record(params: Params) -> str:
+        resolved["cell"] = cell(params, MODELS[name].record, argv)
+        return resolved["cell"].record
+
+    run_stage(record, lambda params, run: body(params, run, resolved["cell"]))

@@ -22,11 +22,11 @@ from newllm.schema import knob
 # ----------------------------------------------------------------------------------------------- training
 @dataclass
 class TrainConfig:
-    """What the one generic LM trainer reads (New-LLM's Phase 2 and every baseline). The `train:` section
-    holds every key but `lr`, for all models at once; a model section sets its own `lr` (tuned per model)
-    and may override any other key (`-S +lstm.epochs=40`)."""
+    """What the one generic LM trainer reads (New-LLM's Phase 2 and every baseline), but the learning rate:
+    that is a cell of the protocol's sweep (`protocol.lrs`), the same values for every model, chosen on val.
+    The `train:` section holds every key for all models at once; a model section may override any of them
+    (`-S +lstm.epochs=40`)."""
 
-    lr: float = knob(lo=0.0, lo_open=True)
     optimizer: Literal["adam", "adamw", "sgd"] = knob()
     weight_decay: float = knob(lo=0.0)
     batch_size: int = knob(lo=1)
@@ -38,9 +38,6 @@ class TrainConfig:
     patience: int = knob(lo=0)  # early stopping; 0 = off
     min_delta: float = knob(lo=0.0)
     max_tokens: int = knob(lo=0)  # train on a prefix of the train stream (0 = all)
-
-
-PER_MODEL_TRAIN_KEYS = ("lr",)  # in every model section, never in `train:`
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -139,3 +136,8 @@ def by_record(record: str) -> ModelSpec:
         if spec.record == record:
             return spec
     raise KeyError(record)
+
+
+def compared(baselines: list[str]) -> list[ModelSpec]:
+    """The models a run compares, in report order: New-LLM, params.yaml's `baselines`, the controls."""
+    return [MODELS["newllm"], *(MODELS[b] for b in baselines), *(MODELS[c] for c in CONTROLS)]

@@ -166,6 +166,7 @@ class Terminated(BaseException):
 @dataclass
 class StageRun:
     stage: str
+    declared: Any  # its dag.Stage: outs, metrics and plots files
     client: Any
     run_id: str
     curve: list[dict[str, Any]] = field(default_factory=list)
@@ -181,6 +182,10 @@ class StageRun:
 
     def log_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.run_id, figure, f"figures/{name}")
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        """Params known only once the stage runs (a replicate's chosen lr)."""
+        _log_params(self.client, self.run_id, values)
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -205,7 +210,7 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     tags = run_tags(params, stage)
     run = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags)
     run_id = run.info.run_id
-    tracked = StageRun(stage, client, run_id)
+    tracked = StageRun(stage, declared, client, run_id)
 
     def on_term(signum: int, frame: Any) -> None:
         raise Terminated(signal.Signals(signum).name)

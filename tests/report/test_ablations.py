@@ -84,6 +84,10 @@ def test_empty_frame_gives_no_groups():
 
 
 # ----------------------------------------------------------------------------------------------- real store
+CELL = "sweep/phase2_train/lr0.001"  # one sweep cell of New-LLM (dvc.yaml)
+OTHER = {"replicates": [9]}  # replicate seeds apart from the seeds 0 and 1 these runs are made with
+
+
 def _stage(stage: str, params: Params, exp: str, val_ppl: float, monkeypatch) -> None:
     monkeypatch.setenv("DVC_EXP_NAME", exp)
     with tracking.stage_run(stage, params) as run:
@@ -100,21 +104,20 @@ def test_compare_through_a_sqlite_store_and_the_cli(tmp_path: Path, monkeypatch,
     tc = {"uri": uri, "experiment": "t"}
     ppl = {(16, 0): 9.0, (16, 1): 11.0, (32, 0): 7.0, (32, 1): 8.0}
     for (ctx, seed), value in ppl.items():
-        _stage("phase2_train", default_params(context_dim=ctx, seed=seed, tracking=tc), f"ctx{ctx}-s{seed}", value,
-               monkeypatch)
+        _stage(CELL, default_params(context_dim=ctx, seed=seed, tracking=tc, protocol=OTHER), f"ctx{ctx}-s{seed}", value, monkeypatch)
     time.sleep(0.01)
     # A re-run of ctx16/seed0 in the same experiment: only the newest counts.
-    _stage("phase2_train", default_params(context_dim=16, seed=0, tracking=tc), "ctx16-s0", 10.0, monkeypatch)
+    _stage(CELL, default_params(context_dim=16, seed=0, tracking=tc, protocol=OTHER), "ctx16-s0", 10.0, monkeypatch)
     # A failed run and a non-training stage are ignored.
     monkeypatch.setenv("DVC_EXP_NAME", "broken")
-    with pytest.raises(RuntimeError), tracking.stage_run("phase2_train", default_params(context_dim=64, tracking=tc)):
+    with pytest.raises(RuntimeError), tracking.stage_run(CELL, default_params(context_dim=64, tracking=tc)):
         raise RuntimeError("boom")
     _stage("tokenize", default_params(tracking=tc), "ctx16-s0", 1.0, monkeypatch)
 
     client, exp_id = tracking.init_store(default_params(tracking=tc))
     df = ablations.load_runs(client, exp_id)
     assert len(df) == 6 and set(df["status"]) == {"FINISHED"}
-    assert {"params.context_dim", "params.phase2.lr", "metrics.final.val_ppl"} <= set(df.columns)
+    assert {"params.context_dim", "params.lr", "metrics.final.val_ppl"} <= set(df.columns)
     g = group_ablations(df)
     assert list(g["ablation"]) == ["context_dim=16", "context_dim=32"]
     assert list(g["n_seeds"]) == [2, 2] and list(g["seeds"]) == [["0", "1"], ["0", "1"]]

@@ -323,8 +323,8 @@ def test_phase2_trains_with_the_generic_trainer():
     extras_train = {"contexts": compute_contexts(model, train_ids, streams=4)}
     extras_val = {"contexts": compute_contexts(model, val_ids)}
     frozen = copy.deepcopy(model.context_block.state_dict())
-    cfg = replace(PARAMS.phase2, epochs=3, batch_size=4, seq_len=8, lr=0.01, patience=0)
-    res = train_lm(Phase2Model(model), train_ids, val_ids, cfg, extras_train=extras_train,
+    cfg = replace(PARAMS.phase2, epochs=3, batch_size=4, seq_len=8, patience=0)
+    res = train_lm(Phase2Model(model), train_ids, val_ids, cfg, lr=0.01, extras_train=extras_train,
                    extras_val=extras_val, device="cpu", progress=False)
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
     assert res.best_val_loss < math.log(V) + 0.5

@@ -33,7 +33,7 @@ def stream(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=4, seq_len=8, epochs=2, grad_clip=1.0,
+    base = dict(optimizer="adam", weight_decay=0.0, batch_size=4, seq_len=8, epochs=2, grad_clip=1.0,
                 scheduler="constant", plateau_factor=0.25, patience=0, min_delta=0.0, max_tokens=0)
     return TrainConfig(**{**base, **kw})
 
@@ -127,7 +127,7 @@ def test_extras_windows_are_aligned_with_the_inputs():
     hint = torch.roll(ids, -1)  # the next token, per input position
     out = evaluate(Oracle(), ids, seq_len=8, batch_size=4, extras={"hint": hint})
     assert out["accuracy"] == 1.0 and out["loss"] < 1e-6
-    res = train_lm(Oracle(), ids, ids, cfg(epochs=1, lr=1e-3), extras_train={"hint": hint},
+    res = train_lm(Oracle(), ids, ids, cfg(epochs=1), lr=1e-3, extras_train={"hint": hint},
                    extras_val={"hint": hint}, device="cpu", progress=False)
     assert res.history[0]["val_accuracy"] == 1.0 and res.history[0]["train_loss"] < 1e-6
 
@@ -141,12 +141,12 @@ def _strip_time(history):
                                   lambda: (torch.manual_seed(0), CVPLM(V, 8, 8, 8, 1, 0.3, seq_len=8))[1]])
 def test_training_is_deterministic_under_a_seed_and_learns(make):
     train, val = stream(800, seed=1), stream(200, seed=2)
-    runs = [train_lm(make(), train, val, cfg(epochs=3), device="cpu", seed=7, progress=False) for _ in range(2)]
+    runs = [train_lm(make(), train, val, cfg(epochs=3), lr=0.01, device="cpu", seed=7, progress=False) for _ in range(2)]
     assert _strip_time(runs[0].history) == _strip_time(runs[1].history)
     h = runs[0].history
     assert set(h[0]) == {"train_loss", "val_loss", "val_ppl", "val_accuracy", "tokens_per_s", "lr", "epoch_time_s"}
     assert h[-1]["val_loss"] < math.log(V)  # better than uniform on the cycle
-    other = train_lm(make(), train, val, cfg(epochs=3), device="cpu", seed=8, progress=False)
+    other = train_lm(make(), train, val, cfg(epochs=3), lr=0.01, device="cpu", seed=8, progress=False)
     assert _strip_time(other.history) != _strip_time(h)  # the seed drives dropout
 
 
@@ -155,7 +155,7 @@ def test_early_stopping_plateau_and_best_checkpoint():
     model = lstm()
     seen = []
     res = train_lm(model, stream(400, 1), stream(120, 2),
-                   cfg(epochs=10, patience=3, min_delta=1e9, scheduler="plateau", plateau_factor=0.25, lr=0.01),
+                   cfg(epochs=10, patience=3, min_delta=1e9, scheduler="plateau", plateau_factor=0.25), lr=0.01,
                    device="cpu", progress=False, on_epoch=lambda e, m: seen.append(e))
     assert res.epochs_run == 4 and res.stopped_early and seen == [1, 2, 3, 4]
     # epoch 1 improves (from inf); each later epoch does not, so the next one runs at lr / 4
@@ -172,23 +172,23 @@ def test_early_stopping_plateau_and_best_checkpoint():
 
 
 def test_patience_zero_never_stops_and_constant_lr_stays():
-    res = train_lm(lstm(), stream(300), stream(100, 3), cfg(epochs=3, patience=0, min_delta=1e9), device="cpu",
+    res = train_lm(lstm(), stream(300), stream(100, 3), cfg(epochs=3, patience=0, min_delta=1e9), lr=0.01, device="cpu",
                    progress=False)
     assert res.epochs_run == 3 and not res.stopped_early
     assert {h["lr"] for h in res.history} == {0.01}
 
 
 def test_cosine_schedule_and_sgd():
-    c = cfg(scheduler="cosine", epochs=4, lr=0.1)
-    assert cosine_lr(c, 0) == pytest.approx(0.1)
-    assert cosine_lr(c, 2) == pytest.approx(0.05, rel=1e-4)
-    res = train_lm(lstm(), stream(300), stream(100, 3), cfg(scheduler="cosine", epochs=4, lr=0.1, optimizer="sgd",
-                   weight_decay=0.01, grad_clip=0.0), device="cpu", progress=False)
-    assert [h["lr"] for h in res.history] == pytest.approx([cosine_lr(c, e) for e in range(4)])
+    c = cfg(scheduler="cosine", epochs=4)
+    assert cosine_lr(c, 0.1, 0) == pytest.approx(0.1)
+    assert cosine_lr(c, 0.1, 2) == pytest.approx(0.05, rel=1e-4)
+    res = train_lm(lstm(), stream(300), stream(100, 3), cfg(scheduler="cosine", epochs=4, optimizer="sgd",
+                   weight_decay=0.01, grad_clip=0.0), lr=0.1, device="cpu", progress=False)
+    assert [h["lr"] for h in res.history] == pytest.approx([cosine_lr(c, 0.1, e) for e in range(4)])
 
 
 def test_max_tokens_trains_on_a_prefix_and_counts_tokens():
-    res = train_lm(lstm(), stream(1000), stream(100, 3), cfg(epochs=2, max_tokens=200, optimizer="adamw"),
+    res = train_lm(lstm(), stream(1000), stream(100, 3), cfg(epochs=2, max_tokens=200, optimizer="adamw"), lr=0.01,
                    device="cpu", progress=False)
     assert res.train_tokens == 2 * 4 * 49  # batchify(200, 4) -> 50 columns -> 49 predictions a row
     assert res.tokens_per_s > 0 and res.wall_time_s > 0 and res.device == "cpu"
@@ -197,7 +197,7 @@ def test_max_tokens_trains_on_a_prefix_and_counts_tokens():
 def test_stateless_transformer_trains_through_the_same_loop():
     torch.manual_seed(0)
     m = TransformerLM(V, 1, 2, 16, seq_len=8, dropout=0.0)
-    res = train_lm(m, stream(800, 1), stream(200, 2), cfg(epochs=3), device="cpu", progress=False)
+    res = train_lm(m, stream(800, 1), stream(200, 2), cfg(epochs=3), lr=0.01, device="cpu", progress=False)
     assert res.best_val_loss < math.log(V)
 
 
@@ -218,7 +218,7 @@ def test_a_windowed_model_is_scored_on_the_same_tokens_with_more_context():
     period = torch.randint(0, 3, (11,), generator=torch.Generator().manual_seed(5))  # 3 symbols: ambiguous
     ids = period.repeat(40)  # the current token alone is ambiguous; a few tokens of context are not
     m = TransformerLM(V, 1, 2, 32, seq_len=8, dropout=0.0)
-    train_lm(m, ids, ids[:200], cfg(epochs=80, lr=0.01), device="cpu", progress=False)
+    train_lm(m, ids, ids[:200], cfg(epochs=80), lr=0.01, device="cpu", progress=False)
     sliding = evaluate(m, ids, 8, 4)
     m.windowed = False  # the same weights, read in non-overlapping windows
     plain = evaluate(m, ids, 8, 4)

@@ -20,9 +20,6 @@ from torch import nn
 from newllm.registry import MODELS, ModelSpec
 from newllm.training import checkpoint
 
-CHECKPOINTS = Path("data/checkpoints")
-PHASE1_CHECKPOINT = CHECKPOINTS / "phase1_cvfp.pt"  # New-LLM's embedding + ContextBlock, Phase 2's input
-
 # What Phase 1's checkpoint (embedding + ContextBlock) depends on: exactly the model keys its stage reads
 CONTEXT_KEYS = ("context_dim", "embed_dim", "context_layers", "context_norm", "embedding")
 
@@ -36,12 +33,6 @@ def spec(name: str) -> ModelSpec:
 def model_class(name: str) -> type[nn.Module]:
     s = spec(name)
     return getattr(importlib.import_module(f"newllm.models.{s.module}"), s.model_class)
-
-
-def checkpoint_path(name: str, root: Path = CHECKPOINTS) -> Path:
-    """New-LLM's full model is Phase 2's output; baselines and controls live under baselines/ and controls/."""
-    s = spec(name)
-    return Path(root) / {"newllm": "", "baseline": "baselines/", "control": "controls/"}[s.role] / f"{s.record}.pt"
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
@@ -61,10 +52,10 @@ def save_model(path: Path, name: str, model: nn.Module, config: Any, vocab_size:
     checkpoint.save(path, model.state_dict(), {"model": name, "vocab_size": vocab_size, "config": cfg})
 
 
-def load_model(name: str, vocab_size: int, root: Path = CHECKPOINTS) -> nn.Module:
+def load_model(name: str, vocab_size: int, path: Path) -> nn.Module:
     """A trained model rebuilt from its checkpoint alone, in eval mode; a damaged file, another model's
-    or another vocabulary's checkpoint raises CheckpointError naming the file."""
-    path = checkpoint_path(name, root)
+    or another vocabulary's checkpoint raises CheckpointError naming the file (protocol.checkpoint says
+    which file holds a model's run)."""
     state, meta = checkpoint.load(path)
     if "config" not in meta:
         raise checkpoint.CheckpointError(f"{path} was written by an older version of the pipeline (no config "

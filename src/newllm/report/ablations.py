@@ -22,8 +22,16 @@ from newllm.config import Params
 from newllm.errors import PipelineError
 from newllm.registry import MODELS
 
-# Training stage (record) -> model name in the report, in registry order.
+# Training record -> model name in the report, in registry order. A run's `dvc.stage` is one of its
+# protocol cells, sweep/<record>/lr<lr> or seeds/<record>/seed<n> (protocol.py); older runs were <record>.
 TRAIN_STAGES = {s.record: s.display for s in MODELS.values()}
+
+
+def model_record(stage: Any) -> str | None:
+    """The training record a run's `dvc.stage` belongs to, or None for a non-training stage."""
+    parts = str(stage).split("/")
+    record = parts[1] if len(parts) == 3 and parts[0] in ("sweep", "seeds") else str(stage)
+    return record if record in TRAIN_STAGES else None
 REPLICATE_PARAMS = ("seed",)  # differ across runs without making an ablation
 METRICS = ("val_ppl", "val_loss", "params_total")  # read from `final.<key>`
 BASELINE_LABEL = "(none: all runs share params)"
@@ -73,7 +81,7 @@ def select_runs(df: pd.DataFrame) -> pd.DataFrame:
     """FINISHED runs of the training stages, the newest per (stage, params_hash, exp_name)."""
     if df.empty or "stage" not in df:
         return df.iloc[0:0]
-    keep = df[df["stage"].isin(list(TRAIN_STAGES))]
+    keep = df[df["stage"].map(model_record).notna()]
     if "status" in keep:
         keep = keep[keep["status"] == "FINISHED"]
     keep = keep.sort_values("start_time", ascending=False, kind="stable")
@@ -124,7 +132,7 @@ def group_ablations(df: pd.DataFrame, ignore: Iterable[str] = REPLICATE_PARAMS) 
     runs = select_runs(df)
     out: list[dict[str, Any]] = []
     for stage, model in TRAIN_STAGES.items():
-        mine = runs[runs["stage"] == stage] if not runs.empty else runs
+        mine = runs[runs["stage"].map(model_record) == stage] if not runs.empty else runs
         if mine.empty:
             continue
         keys = differing_params(mine, ignore)

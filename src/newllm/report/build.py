@@ -8,13 +8,16 @@ from typing import Any
 
 from newllm.config import Params, params_hash, stages
 from newllm.errors import PipelineError
+from newllm.protocol import FULL_LRS, checkpoint, full_sweep_command, phase1_record, runs, seeds
 from newllm.registry import CONTROLS, MODELS, by_record
 from newllm.report.document import Document
-from newllm.report.figures import phase1_curves, pyplot
+from newllm.report.figures import lr_sweep, phase1_curves, pyplot
 from newllm.report.tables import (
     NEWLLM,
     Table,
+    beyond_spread,
     decision_band,
+    difference,
     display,
     main_table,
     model_stages,
@@ -24,16 +27,17 @@ from newllm.report.tables import (
 )
 from newllm.tracking import git_commit
 
-FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png")
+FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png", "lr_sweep.png")
 
 
 
-def loss_curves_figure(root: Path, declared: dict, records: list[str]):
-    """Val loss per epoch of every model on one figure (train dashed, same colour)."""
+def loss_curves_figure(root: Path, declared: dict, cells: dict[str, str]):
+    """Val loss per epoch of every model (`cells`: model record -> the run drawn) on one figure (train
+    dashed, same colour)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, stage in enumerate(records):
-        curve = read_curve(root, declared[stage])
+    for i, (stage, cell) in enumerate(cells.items()):
+        curve = read_curve(root, declared[cell])
         if not curve:
             continue
         colour = f"C{i}"
@@ -47,23 +51,40 @@ def loss_curves_figure(root: Path, declared: dict, records: list[str]):
     return fig
 
 
-def answer(metrics: dict[str, dict[str, Any]], rel: dict[str, float], records: list[str]) -> str:
+def _gap(per_seed: dict[str, list[dict[str, Any]]], a: str, b: str) -> str:
+    """How mean test loss of `a` minus `b` compares with the seed spread, in words."""
+    diff, se = difference([m["test_loss"] for m in per_seed[a]], [m["test_loss"] for m in per_seed[b]])
+    verdict = beyond_spread(diff, se)
+    if verdict is None:
+        return "one seed each: no seed spread is measured, so this difference may be noise"
+    return (f"the test-loss difference {diff:+.4f} nats/token is {'larger' if verdict else 'not larger'} than "
+            f"twice its seed standard error ({se:.4f})" + ("" if verdict else ": within the seed noise"))
+
+
+def answer(summary: dict[str, dict[str, Any]], per_seed: dict[str, list[dict[str, Any]]],
+           rel: dict[str, float]) -> str:
     """The report's first sentence: New-LLM against the matched Transformer on test, then the controls."""
-    new = metrics[NEWLLM]
+    new = summary[NEWLLM]
+    n = len(new["seeds"])
+    spread = lambda m: f" ± {m['test_ppl_std']:.2f}" if m["test_ppl_std"] is not None else ""  # noqa: E731
     parts = []
     if "test_ppl_ratio_vs_transformer" in rel:
-        t = metrics["transformer"]
-        parts.append(f"On test, New-LLM's perplexity is {new['test_ppl']:.2f} against {t['test_ppl']:.2f} for the "
-                     f"parameter-matched Transformer: {rel['test_ppl_ratio_vs_transformer']:.3f}x "
-                     f"({'better' if rel['test_ppl_ratio_vs_transformer'] < 1 else 'worse'}).")
+        t = summary["transformer"]
+        parts.append(f"On test, over {n} seed{'s' if n > 1 else ''}, New-LLM's perplexity is {new['test_ppl']:.2f}"
+                     f"{spread(new)} against {t['test_ppl']:.2f}{spread(t)} for the parameter-matched Transformer: "
+                     f"{rel['test_ppl_ratio_vs_transformer']:.3f}x "
+                     f"({'better' if rel['test_ppl_ratio_vs_transformer'] < 1 else 'worse'}); "
+                     f"{_gap(per_seed, NEWLLM, 'transformer')}.")
     else:
-        parts.append(f"On test, New-LLM's perplexity is {new['test_ppl']:.2f} (no matched Transformer in this run).")
+        parts.append(f"On test, New-LLM's perplexity is {new['test_ppl']:.2f}{spread(new)} (no matched Transformer "
+                     "in this run).")
     for control in CONTROLS:
-        c = metrics[MODELS[control].record]
+        record = MODELS[control].record
+        c = summary[record]
         gap = c["test_loss"] - new["test_loss"]
-        parts.append(f"{MODELS[control].display}: test loss {c['test_loss']:.4f} vs New-LLM's {new['test_loss']:.4f} "
-                     f"({abs(gap):.4f} nats/token in {'New-LLM' if gap > 0 else 'the control'}'s favour).")
-    parts.append("All from one seed: no seed spread is measured yet, so small differences may be noise.")
+        parts.append(f"{MODELS[control].display}: mean test loss {c['test_loss']:.4f} vs New-LLM's "
+                     f"{new['test_loss']:.4f}, {abs(gap):.4f} nats/token in "
+                     f"{'New-LLM' if gap > 0 else 'the control'}'s favour; {_gap(per_seed, record, NEWLLM)}.")
     return " ".join(parts)
 
 
@@ -103,36 +124,50 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     cache = load_cache(root / "data" / "tokens")
     declared = stages(params, root)
     records = model_stages(params.baselines)
-    table, metrics = main_table(root, declared, params.baselines)
-    scored = {display(s): m.get("val_tokens") for s, m in metrics.items()}
+    table, per_seed, summary = main_table(root, declared, params)
+    scored = {f"{display(s)} seed {m['seed']}": m.get("val_tokens") for s, ms in per_seed.items() for m in ms}
     if len(set(scored.values())) != 1:
         raise PipelineError(f"models were scored on different numbers of val tokens {scored}: rerun "
                             "`dvc repro` so every model goes through the same evaluation")
-    rel = ratios(metrics)
-    new = metrics[NEWLLM]
-    p1 = read_metrics(root, declared["phase1_cvfp"])
+    rel = ratios(summary)
+    new = summary[NEWLLM]
+    p1 = read_metrics(root, declared[phase1_record(params.seed)])
     data = read_metrics(root, declared["generate_dataset"])
     figs = out_dir / "figures"
+    # the runs on `seed` (each model's chosen sweep cell) are the ones drawn, probed and sampled
+    on_seed = {s: runs(params, s, root)[params.seed] for s in records}
 
     torch.manual_seed(params.seed)
-    loaded = {s: load_model(by_record(s).name, cache.vocab_size, root / "data" / "checkpoints") for s in records}
+    loaded = {s: load_model(by_record(s).name, cache.vocab_size, checkpoint(params, by_record(s).name, root))
+              for s in records}
     models = {display(s): model for s, model in loaded.items()}
 
     doc = Document("New-LLM comparison report")
-    doc.text(answer(metrics, rel, records))
+    doc.text(answer(summary, per_seed, rel))
     doc.heading("Protocol")
-    doc.bullets([
+    missing = [lr for lr in FULL_LRS if lr not in params.protocol.lrs]
+    doc.bullets(([f"**A smaller lr sweep than the full protocol's**: {len(params.protocol.lrs)} values instead of "
+                  f"{len(FULL_LRS)} (missing {', '.join(f'{lr:g}' for lr in missing)}), so that the default run "
+                  f"fits in 10 minutes on 2 CPU cores. The full protocol: `{full_sweep_command()}`."]
+                 if missing else []) + [
         f"Dataset: `{params.dataset.source}` ({data['train_lines']:,} train / {data['val_lines']:,} val / "
         f"{data['test_lines']:,} test lines); tokenizer `{params.tokenizer.kind}`, vocabulary {cache.vocab_size:,}; "
         f"{len(cache.train):,} train, {len(cache.val):,} val and {len(cache.test):,} test tokens, the same for "
         "every model.",
-        "Val selects (early stopping and the best epoch, whose weights are kept); **test is the headline** of "
-        f"every table, ratio and sentence. Every model trains until {params.train.patience} epochs without a "
+        "Val selects (early stopping, the best epoch, whose weights are kept, and the learning rate); **test is "
+        f"the headline** of every table, ratio and sentence. Every model trains until {params.train.patience} epochs without a "
         f"val improvement, capped at {params.train.epochs} epochs; a model whose best epoch is its last is "
         "flagged undertrained.",
         "Every baseline is sized to New-LLM's total parameter count (±10 %) by a width search."
         if params.protocol.match_params else "Baselines are NOT sized to New-LLM (protocol.match_params: false).",
-        f"Seed {params.seed}; git commit `{git_commit()[:7] or 'unknown'}`; params hash "
+        f"Learning rate: every model goes through the same sweep, {', '.join(f'{lr:g}' for lr in params.protocol.lrs)}, "
+        f"on seed {params.seed}; its lowest val loss picks its lr (a pick at either end of the sweep is marked "
+        "*edge*: the optimum may lie outside it). The chosen lr is retrained on the other seeds.",
+        f"Seeds: {', '.join(map(str, seeds(params)))} (initialisation and dropout; the same data and batches). "
+        "Tables give mean ± sample standard deviation over them; a difference between two models counts as "
+        "larger than the seed spread when it exceeds twice its standard error."
+        + ("" if len(seeds(params)) > 2 else " **Fewer than 3 seeds: the spread is barely measured.**"),
+        f"Git commit `{git_commit()[:7] or 'unknown'}`; params hash "
         f"`{params_hash(params, 'report', root)}` (the report's MLflow tag).",
         "Every model is evaluated by the same function on the same val and test tokens; losses are "
         "cross-entropy in nats per token, PPL = exp(loss), accuracy = top-1 next-token accuracy. Parameter "
@@ -153,26 +188,41 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     lines = []
     for stage in records:
         if f"test_ppl_ratio_vs_{stage}" in rel:
-            lines.append(f"New-LLM / {display(stage)}: test loss ratio {rel[f'test_loss_ratio_vs_{stage}']:.3f}, "
-                         f"test PPL ratio {rel[f'test_ppl_ratio_vs_{stage}']:.3f} (below 1: New-LLM is better).")
-    lines.append(f"New-LLM's train wall time counts Phase 1 ({p1['wall_time_s']:.2f} s), the context cache "
-                 f"({new.get('context_cache_s', 0.0):.2f} s) and Phase 2 ({new['train_wall_time_s']:.2f} s); its "
-                 "tokens/s is Phase 2's, on cached contexts.")
-    band = decision_band(new["test_ppl"])
+            lines.append(f"New-LLM / {display(stage)}: mean test loss ratio {rel[f'test_loss_ratio_vs_{stage}']:.3f}, "
+                         f"mean test PPL ratio {rel[f'test_ppl_ratio_vs_{stage}']:.3f} (below 1: New-LLM is better); "
+                         f"{_gap(per_seed, NEWLLM, stage)}.")
+    lines.append(f"New-LLM's train wall time counts Phase 1 ({p1['wall_time_s']:.2f} s on seed {params.seed}), the "
+                 f"context cache ({new.get('context_cache_s', 0.0):.2f} s) and Phase 2 "
+                 f"({new['train_wall_time_s']:.2f} s); its tokens/s is Phase 2's, on cached contexts.")
+    band = decision_band(new["test_ppl"])  # on the mean over seeds
     lines.append(f"The research's decision bands (SPEC §5: < 50 continue, 50–100 needs architecture work, > 100 "
                  f"rethink) put New-LLM's test perplexity {new['test_ppl']:.2f} {band}. They were set for "
                  "WikiText; on a small template corpus low perplexities are easy.")
     doc.bullets(lines)
 
+    doc.heading("Learning-rate sweep")
+    picked = read_metrics(root, declared["pick_lr"])
+    sweep = {s: picked[s] for s in records}
+    doc.figure(_save(lr_sweep({display(s): {float(lr): v for lr, v in c["val_loss_by_lr"].items()}
+                               for s, c in sweep.items()}), figs / FIGURES[3]),
+               f"Best val loss against lr, seed {params.seed}; the ringed cell is each model's lr")
+    lrs = list(next(iter(sweep.values()))["val_loss_by_lr"])
+    doc.table(Table(["model", *(f"val loss at lr {float(lr):g}" for lr in lrs), "chosen"],
+                    [[display(s), *(c["val_loss_by_lr"][lr] for lr in lrs),
+                      f"{c['lr']:g}" + (" (edge)" if c["at_sweep_edge"] else "")] for s, c in sweep.items()]))
+
     doc.heading("Training curves")
-    doc.figure(_save(loss_curves_figure(root, declared, records), figs / FIGURES[0]), "Val (solid) and train (dashed) loss per epoch")
-    p1_curve = read_curve(root, declared["phase1_cvfp"])
+    doc.figure(_save(loss_curves_figure(root, declared, on_seed), figs / FIGURES[0]),
+               f"Val (solid) and train (dashed) loss per epoch, seed {params.seed}, each at its chosen lr")
+    p1_curve = read_curve(root, declared[phase1_record(params.seed)])
     history = [{"iteration": int(r["step"]), **r} for r in p1_curve]
     doc.figure(_save(phase1_curves(history), figs / FIGURES[1]), "Phase 1: Effective Rank % and convergence % per iteration")
-    doc.text(f"Phase 1 ran {p1['iterations_run']} iterations: train ER {p1['train_er_pct']:.1f} % of "
+    doc.text(f"Phase 1 (seed {params.seed}) ran {p1['iterations_run']} iterations: train ER {p1['train_er_pct']:.1f} % of "
              f"context_dim, val ER {p1['val_er_pct']} %, convergence {100 * p1['convergence_rate']:.1f} %, mean "
              f"cosine between the parallel-trained contexts and an exact sequential recomputation "
-             f"{p1['sequential_cosine']:.4f} (research: 0.9969).")
+             f"{p1['sequential_cosine']:.4f} (research: 0.9969); over the seeds "
+             + ", ".join(f"{read_metrics(root, declared[phase1_record(s)])['sequential_cosine']:.4f}" for s in seeds(params))
+             + ".")
 
     doc.heading("Memory and speed versus sequence length (streaming inference, measured)")
     probe_models = {display(s): model for s, model in loaded.items() if by_record(s).memory_probe}
@@ -204,9 +254,11 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     longest = max(params.report.memory_lengths)
     mem = {re.sub(r"[^a-z0-9]+", "_", f"{r['model']} {r.get('method', '')} peak bytes at {longest}".lower()):
            r["peak_bytes"] for r in rows if r["length"] == longest and isinstance(r.get("peak_bytes"), (int, float))}
-    result = {"newllm_test_ppl": new["test_ppl"], "newllm_test_loss": new["test_loss"],
-              "newllm_val_ppl": new["val_ppl"],
-              **{f"{s}_test_ppl": metrics[s]["test_ppl"] for s in records[1:]},
+    result = {"newllm_test_ppl": round(new["test_ppl"], 4), "newllm_test_ppl_std": new["test_ppl_std"],
+              "newllm_test_loss": round(new["test_loss"], 6), "seeds": len(new["seeds"]),
+              **{f"{s}_test_ppl": round(summary[s]["test_ppl"], 4) for s in records[1:]},
+              **{f"{s}_test_ppl_std": summary[s]["test_ppl_std"] for s in records[1:]},
+              **{f"{s}_lr": summary[s]["lr"] for s in records},
               **{k: round(v, 4) for k, v in rel.items()}, "decision_band": band, **mem,
               "fixed_point_steps_mean": fp["convergence"].get("steps_mean"),
               "single_vs_iterated_cosine": fp["single_vs_iterated"].get("cosine")}

@@ -47,3 +47,19 @@ def phase1_curves(history: list[dict[str, Any]], title: str = "Phase 1 (CVFP)"):
     ax_loss.legend()
     fig.tight_layout()
     return fig
+
+
+def lr_sweep(val_by_lr: dict[str, dict[float, float]]):
+    """Val loss against learning rate, one line per model; the chosen (lowest) cell ringed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, val) in enumerate(val_by_lr.items()):
+        lrs = sorted(val)
+        ax.plot(lrs, [val[lr] for lr in lrs], "-o", color=f"C{i}", label=name)
+        best = min(lrs, key=lambda lr: val[lr])
+        ax.plot([best], [val[best]], "o", ms=14, mfc="none", color=f"C{i}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="best val loss (nats/token)",
+           title="Learning-rate sweep (on one seed): the ringed cell is each model's lr")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

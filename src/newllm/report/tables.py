@@ -1,20 +1,25 @@
-"""The comparison table, computed only from this workspace's metrics files (nothing typed in)."""
+"""The comparison table, computed only from this workspace's metrics files (nothing typed in): every
+model at its chosen lr, mean ± sample std over the seeds (tokens, steps, time and speed are means)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from newllm.dag import Stage
 from newllm.errors import PipelineError
-from newllm.registry import CONTROLS, MODELS, by_record
+from newllm.protocol import phase1_record, runs
+from newllm.registry import MODELS, by_record, compared
 
 NEWLLM = MODELS["newllm"].record
-COLUMNS = ["model", "params (trainable / total)", "tokens seen", "optimiser steps", "best / last epoch",
-           "val loss (selects)", "test loss", "test PPL", "test accuracy", "train wall time (s)", "train tokens/s"]
+COLUMNS = ["model", "params (trainable / total)", "lr (chosen on val)", "tokens seen", "optimiser steps",
+           "best / last epoch, per seed", "val loss (selects)", "test loss", "test PPL", "test accuracy",
+           "train wall time (s)", "train tokens/s"]
 
 
 @dataclass
@@ -58,28 +63,73 @@ def read_curve(root: Path, stage: Stage) -> list[dict[str, float]]:
 
 
 def model_stages(baselines: list[str]) -> list[str]:
-    """The records (metrics/plots names) of the models the report compares: New-LLM, `baselines`, controls."""
-    return [NEWLLM, *(MODELS[b].record for b in baselines), *(MODELS[c].record for c in CONTROLS)]
+    """The records of the models the report compares: New-LLM, `baselines`, controls."""
+    return [spec.record for spec in compared(baselines)]
 
 
 def display(record: str) -> str:
     return by_record(record).display
 
 
-def main_table(root: Path, declared: dict[str, Stage], baselines: list[str]
-               ) -> tuple[Table, dict[str, dict[str, Any]]]:
-    """`declared`: dvc.yaml's stages (config.stages), which say where each stage's files are."""
-    metrics = {s: read_metrics(root, declared[s]) for s in model_stages(baselines)}
-    phase1_s = read_metrics(root, declared["phase1_cvfp"])["wall_time_s"]
+def seed_runs(root: Path, declared: dict[str, Stage], params: Any) -> dict[str, list[dict[str, Any]]]:
+    """model record -> its final metrics on every seed (`seed` first), each from the run with its chosen lr."""
+    out = {}
+    for record in model_stages(params.baselines):
+        out[record] = [{**read_metrics(root, declared[cell]), "seed": seed}
+                       for seed, cell in runs(params, record, root).items()]
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value: no spread measured)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def pm(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return _fmt(mean) + ("" if std is None else f" ± {_fmt(std)}")
+
+
+def summarise(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each model's means over seeds (and std as `<key>_std`), plus what is the same on every seed."""
+    out = {}
+    for record, seeds in per_seed.items():
+        s: dict[str, Any] = {"seeds": [m["seed"] for m in seeds], "lr": seeds[0]["lr"],
+                             "matched": seeds[0].get("matched"), "params_total": seeds[0]["params_total"],
+                             "params_trainable": seeds[0]["params_trainable"], "val_tokens": seeds[0]["val_tokens"],
+                             "undertrained_seeds": sum(bool(m["undertrained"]) for m in seeds)}
+        for key in ("val_loss", "test_loss", "test_ppl", "test_accuracy", "train_tokens", "optimizer_steps",
+                    "tokens_per_s", "train_wall_time_s", "context_cache_s"):
+            if key in seeds[0]:
+                s[key], s[f"{key}_std"] = mean_std([float(m[key]) for m in seeds])
+        out[record] = s
+    return out
+
+
+def main_table(root: Path, declared: dict[str, Stage], params: Any
+               ) -> tuple[Table, dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """`declared`: dvc.yaml's stages (config.stages), which say where each stage's files are. Returns the
+    table, every model's per-seed metrics and their summary."""
+    per_seed = seed_runs(root, declared, params)
+    sweep = read_metrics(root, declared["pick_lr"])
+    summary = summarise(per_seed)
+    phase1_s = {m["seed"]: read_metrics(root, declared[phase1_record(m["seed"])])["wall_time_s"]
+                for m in per_seed[NEWLLM]}
     rows = []
-    for stage, m in metrics.items():
-        unmatched = by_record(stage).role == "baseline" and not m.get("matched")
-        name = display(stage) + (" (unmatched)" if unmatched else "")
-        epochs = f"{m['best_epoch']} / {m['epochs_run']}" + (" **undertrained**" if m["undertrained"] else "")
-        rows.append([name, f"{m['params_trainable']:,} / {m['params_total']:,}", m["train_tokens"],
-                     m["optimizer_steps"], epochs, m["val_loss"], m["test_loss"], m["test_ppl"],
-                     m["test_accuracy"], train_wall_time(stage, m, phase1_s), m["tokens_per_s"]])
-    return Table(COLUMNS, rows), metrics
+    for record, seeds in per_seed.items():
+        m = summary[record]
+        unmatched = by_record(record).role == "baseline" and not m["matched"]
+        name = display(record) + (" (unmatched)" if unmatched else "")
+        epochs = ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in seeds)
+        if m["undertrained_seeds"]:
+            epochs += f" **undertrained** ({m['undertrained_seeds']} of {len(seeds)})"
+        wall = [train_wall_time(record, r, phase1_s.get(r["seed"], 0.0)) for r in seeds]
+        rows.append([name, f"{m['params_trainable']:,} / {m['params_total']:,}", f"{m['lr']:g}" + (" (edge)" if sweep[record]["at_sweep_edge"] else ""),
+                     round(m["train_tokens"]), round(m["optimizer_steps"]), epochs,
+                     pm([r["val_loss"] for r in seeds]), pm([r["test_loss"] for r in seeds]),
+                     pm([r["test_ppl"] for r in seeds]), pm([r["test_accuracy"] for r in seeds]),
+                     f"{statistics.fmean(wall):.2f}", round(m["tokens_per_s"], 1)])
+    return Table(COLUMNS, rows), per_seed, summary
 
 
 def train_wall_time(stage: str, m: dict[str, Any], phase1_s: float) -> float:
@@ -90,12 +140,25 @@ def train_wall_time(stage: str, m: dict[str, Any], phase1_s: float) -> float:
     return round((phase1_s if trains == "cvfp" else 0.0) + m.get("context_cache_s", 0.0) + m["train_wall_time_s"], 3)
 
 
-def ratios(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """New-LLM / baseline ratios of test loss and PPL (below 1: New-LLM is better), for every baseline
+def difference(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """mean(a) - mean(b) and its standard error over seeds (None with one seed each: no spread)."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, None
+    return diff, math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+
+
+def beyond_spread(diff: float, se: float | None) -> bool | None:
+    """The rule the report states: a difference counts when it exceeds twice its standard error."""
+    return None if se is None else abs(diff) > 2 * se
+
+
+def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """New-LLM / baseline ratios of mean test loss and PPL (below 1: New-LLM is better), for every baseline
     sized to New-LLM's parameter count; an unmatched one gets none."""
     out = {}
-    new = metrics[NEWLLM]
-    for stage, m in metrics.items():
+    new = summary[NEWLLM]
+    for stage, m in summary.items():
         if m.get("matched"):
             out[f"test_loss_ratio_vs_{stage}"] = new["test_loss"] / m["test_loss"]
             out[f"test_ppl_ratio_vs_{stage}"] = new["test_ppl"] / m["test_ppl"]

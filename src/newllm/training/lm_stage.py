@@ -29,8 +29,8 @@ def check_sizes(cache: TokenCache, cfg: TrainConfig, section: str, eval_batch_si
                                 f"{n:,} {split} tokens (needs >= 2 tokens a row)")
 
 
-def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, seed: int, device: str,
-           eval_batch_size: int, extras: dict[str, dict[str, torch.Tensor]] | None = None
+def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, lr: float, seed: int,
+           device: str, eval_batch_size: int, extras: dict[str, dict[str, torch.Tensor]] | None = None
            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train `model` with the one generic trainer (it ends holding its best epoch's weights); each epoch's
     metrics go to `run.log_step`. Returns (final metrics, per-epoch history)."""
@@ -42,7 +42,7 @@ def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, s
         run.log_step(metrics, step=epoch)
 
     ids = {s: torch.from_numpy(getattr(cache, s).astype("int64")) for s in ("train", "val", "test")}
-    result = train_lm(model, ids["train"], ids["val"], cfg, extras_train=extras.get("train"),
+    result = train_lm(model, ids["train"], ids["val"], cfg, lr=lr, extras_train=extras.get("train"),
                       extras_val=extras.get("val"), device=device, seed=seed, on_epoch=on_epoch,
                       eval_batch_size=eval_batch_size)
     # The best weights, through the one evaluation, on the val tokens every model predicts.
@@ -55,7 +55,7 @@ def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, s
         "val_loss": round(val["loss"], 6), "val_ppl": round(val["ppl"], 4),
         "val_accuracy": round(val["accuracy"], 6), "val_tokens": val["tokens"], "train_tokens": result.train_tokens,
         "tokens_per_s": round(result.tokens_per_s, 1), "train_wall_time_s": round(result.wall_time_s, 3),
-        "params_trainable": trainable, "params_total": total,
+        "params_trainable": trainable, "params_total": total, "lr": lr, "seed": seed,
         "device": result.device,
     }
     if ids["test"].numel():

@@ -180,22 +180,22 @@ class TrainResult:
     best_state: dict[str, Tensor] = field(repr=False, default_factory=dict)  # on CPU
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":  # plain SGD, no momentum: the word_language_model recipe
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adam, adamw, sgd)")
 
 
-def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
-    """lr of 0-based `epoch` under per-epoch cosine annealing from cfg.lr to COSINE_MIN_LR (as the
+def cosine_lr(cfg: TrainConfig, lr: float, epoch: int) -> float:
+    """lr of 0-based `epoch` under per-epoch cosine annealing from `lr` to COSINE_MIN_LR (as the
     research's CosineAnnealingLR(T_max=epochs) stepped once per epoch)."""
-    lo = min(COSINE_MIN_LR, cfg.lr)
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    lo = min(COSINE_MIN_LR, lr)
+    return lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * epoch / cfg.epochs))
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -203,7 +203,7 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainConfig, *,
+def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainConfig, *, lr: float,
              extras_train: Mapping[str, Tensor] | None = None,
              extras_val: Mapping[str, Tensor] | None = None,
              device: str | torch.device = "auto", seed: int = 0, eval_batch_size: int | None = None,
@@ -235,8 +235,8 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
     ex_train = batchify_extras(extras_train, cfg.batch_size)  # stays on the host: it can be large
     eval_bs = eval_batch_size or cfg.batch_size
 
-    opt = make_optimizer(model, cfg)
-    lr = cfg.lr
+    opt = make_optimizer(model, cfg, lr)
+    lr0 = lr
     best_loss, best_epoch, best_metrics = math.inf, 0, {}
     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     history: list[dict[str, float]] = []
@@ -246,7 +246,7 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
 
     for epoch in range(cfg.epochs):
         if cfg.scheduler == "cosine":
-            lr = cosine_lr(cfg, epoch)
+            lr = cosine_lr(cfg, lr0, epoch)
         _set_lr(opt, lr)
         t0 = time.perf_counter()
         model.train()
