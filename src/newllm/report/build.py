@@ -162,7 +162,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         if params.protocol.match_params else "Baselines are NOT sized to New-LLM (protocol.match_params: false).",
         f"Learning rate: every model goes through the same sweep, {', '.join(f'{lr:g}' for lr in params.protocol.lrs)}, "
         f"on seed {params.seed}; its lowest val loss picks its lr (a pick at either end of the sweep is marked "
-        "*edge*: the optimum may lie outside it). The chosen lr is retrained on the other seeds.",
+        "(edge): the optimum may lie outside it). The chosen lr is retrained on the other seeds.",
         f"Seeds: {', '.join(map(str, seeds(params)))} (initialisation and dropout; the same data and batches). "
         "Tables give mean ± sample standard deviation over them; a difference between two models counts as "
         "larger than the seed spread when it exceeds twice its standard error."
@@ -254,10 +254,11 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     longest = max(params.report.memory_lengths)
     mem = {re.sub(r"[^a-z0-9]+", "_", f"{r['model']} {r.get('method', '')} peak bytes at {longest}".lower()):
            r["peak_bytes"] for r in rows if r["length"] == longest and isinstance(r.get("peak_bytes"), (int, float))}
-    result = {"newllm_test_ppl": round(new["test_ppl"], 4), "newllm_test_ppl_std": new["test_ppl_std"],
+    r4 = lambda v: None if v is None else round(v, 4)  # noqa: E731
+    result = {"newllm_test_ppl": r4(new["test_ppl"]), "newllm_test_ppl_std": r4(new["test_ppl_std"]),
               "newllm_test_loss": round(new["test_loss"], 6), "seeds": len(new["seeds"]),
-              **{f"{s}_test_ppl": round(summary[s]["test_ppl"], 4) for s in records[1:]},
-              **{f"{s}_test_ppl_std": summary[s]["test_ppl_std"] for s in records[1:]},
+              **{f"{s}_test_ppl": r4(summary[s]["test_ppl"]) for s in records[1:]},
+              **{f"{s}_test_ppl_std": r4(summary[s]["test_ppl_std"]) for s in records[1:]},
               **{f"{s}_lr": summary[s]["lr"] for s in records},
               **{k: round(v, 4) for k, v in rel.items()}, "decision_band": band, **mem,
               "fixed_point_steps_mean": fp["convergence"].get("steps_mean"),
