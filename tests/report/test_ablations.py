@@ -67,6 +67,11 @@ def test_differing_params_excludes_seed_and_params_some_runs_never_logged(runs):
     assert differing_params(extra) == ["context_dim"]  # an older run that did not log phase2.lr
     changed = p2.assign(**{"params.phase2.lr": ["0.002"] * (len(p2) - 1) + ["0.01"]})
     assert differing_params(changed) == ["context_dim", "phase2.lr"]
+    # a sweep cell's lr is never pooled away, even against older runs that did not log it
+    swept = p2.assign(**{"params.lr": [None] + ["0.003"] * (len(p2) - 1)})  # the first: ctx16, seed 0
+    assert differing_params(swept) == ["context_dim", "lr"]
+    g = group_ablations(swept)
+    assert list(g["ablation"]) == ["context_dim=16, lr=0.003", "context_dim=16, lr=(unset)", "context_dim=32, lr=0.003"]
 
 
 def test_single_run_has_no_std_and_sorts_numerically():

@@ -33,6 +33,9 @@ def model_record(stage: Any) -> str | None:
     record = parts[1] if len(parts) == 3 and parts[0] in ("sweep", "seeds") else str(stage)
     return record if record in TRAIN_STAGES else None
 REPLICATE_PARAMS = ("seed",)  # differ across runs without making an ablation
+# A protocol cell's own param: runs that differ in it are never pooled as seeds, even against runs from
+# before the sweep that did not log it (grouped as "(unset)").
+CELL_PARAMS = ("lr",)
 METRICS = ("val_ppl", "val_loss", "params_total")  # read from `final.<key>`
 BASELINE_LABEL = "(none: all runs share params)"
 UNSET = "(unset)"
@@ -96,11 +99,13 @@ def _value(v: Any) -> str:
 def differing_params(runs: pd.DataFrame, ignore: Iterable[str] = REPLICATE_PARAMS) -> list[str]:
     """The params (without the `params.` prefix) that take more than one value across `runs`. Only params
     logged by every run count: every param the pipeline knows is logged (null ones as "None"), so a param
-    missing from some runs means they come from a version that logged less, not from an ablation."""
+    missing from some runs means they come from a version that logged less, not from an ablation; a cell
+    param (`lr`) counts even then."""
     skip = {f"params.{k}" for k in ignore}
+    cells = {f"params.{k}" for k in CELL_PARAMS}
     out = []
     for col in runs.columns:
-        if (col.startswith("params.") and col not in skip and runs[col].notna().all()
+        if (col.startswith("params.") and col not in skip and (runs[col].notna().all() or col in cells)
                 and runs[col].map(_value).nunique() > 1):
             out.append(col.removeprefix("params."))
     return sorted(out)
