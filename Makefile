@@ -32,8 +32,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src stages tests benchmarks
 
+PORT ?= 5000
 ui: $(STAMP)
-	$(BIN)/newllm ui
+	$(BIN)/newllm ui --port $(PORT)
 
 sync: $(STAMP)
 	$(BIN)/newllm sync

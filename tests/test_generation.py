@@ -190,3 +190,4 @@ def test_generate_command_missing_checkpoint_is_one_clear_line(workspace, capsys
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: checkpoint not found: ") and err.endswith("(run the stage that writes it: `dvc repro`)")
     assert "data/checkpoints/sweep/phase2_train/lr0.003.pt" in err
+

@@ -1,6 +1,7 @@
 """tracking.py against a real SQLite MLflow store, read back with MlflowClient."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import default_params, env, use_project_dvc_yaml
+from helpers import default_params, env, use_project_dvc_yaml, write_params
 from mlflow.tracking import MlflowClient
 
 from newllm import tracking
@@ -77,6 +78,45 @@ def test_sigterm_marks_the_run_killed(store, tmp_path: Path):
     assert proc.wait(timeout=30) != 0
     _, (r,) = _runs(uri)
     assert r.info.status == "KILLED"
+
+
+def test_sigterm_in_a_stage_is_one_line_and_exit_143(store, tmp_path: Path):
+    params, uri = store
+    write_params(tmp_path / "params.yaml", tracking={"uri": uri, "experiment": "t"})
+    script = ("import time\nfrom newllm.pipeline import run_stage\n"
+              "def body(params, run):\n    print('started', flush=True)\n    time.sleep(60)\n"
+              "run_stage('tokenize', body)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    err = proc.stderr.read().strip()
+    assert "Traceback" not in err  # (MLflow's own store-creation log lines may come before)
+    assert err.splitlines()[-1] == "error: tokenize: stopped by SIGTERM; MLflow run ended KILLED, no output kept"
+    _, (r,) = _runs(uri)
+    assert r.info.status == "KILLED"
+
+
+def test_runs_left_running_by_a_dead_process_are_ended_killed(store):
+    params, uri = store
+    client, exp_id = tracking.init_store(params)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+
+    def left_running(pid: int, stage: str = "tokenize", host: str = socket.gethostname()) -> str:
+        tags = {"dvc.stage": stage, "dvc.exp_name": "workspace", tracking.PID_TAG: str(pid), tracking.HOST_TAG: host}
+        return client.create_run(exp_id, tags=tags).info.run_id
+
+    gone, live = left_running(dead.pid), left_running(os.getpid())
+    remote, other_stage = left_running(dead.pid, host="another-machine"), left_running(dead.pid, stage="report")
+    with tracking.stage_run("tokenize", params) as run:  # a stage ends its own stage's orphans
+        run.finish({"vocab_size": 10})
+    status = lambda run_id: client.get_run(run_id).info.status  # noqa: E731
+    assert status(gone) == "KILLED" and "ended without closing" in client.get_run(gone).data.tags[tracking.END_REASON_TAG]
+    assert status(live) == status(remote) == status(other_stage) == "RUNNING"
+    tracking.sync(params, ["tokenize"])  # sync, every stage's
+    assert status(other_stage) == "KILLED" and status(live) == status(remote) == "RUNNING"
 
 
 def test_sync_replays_files_once(store):

@@ -29,10 +29,25 @@ def _sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_port_free(port: int) -> None:
+    """Fail in one line when 127.0.0.1:port is taken: MLflow would print a URL that serves another store."""
+    import socket
+
+    from newllm.errors import PipelineError
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise PipelineError(f"port {port} on 127.0.0.1 is already in use (another MLflow UI?): choose "
+                                f"another, `newllm ui --port {port + 1}` or `make ui PORT={port + 1}`") from None
+
+
 def _ui(args: argparse.Namespace) -> int:
     from newllm import tracking
 
     params = load_params_or_exit(args.params)
+    _check_port_free(args.port)
     tracking.init_store(params)
     uri = tracking.tracking_uri(params)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",

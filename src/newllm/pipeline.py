@@ -74,6 +74,11 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
         _remove(outs)
         print(f"error: {record}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (KeyboardInterrupt, tracking.Terminated) as e:  # one line, not a traceback; the run ended KILLED
+        _remove(outs)
+        name = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
+        print(f"error: {record}: stopped by {name}; MLflow run ended KILLED, no output kept", file=sys.stderr)
+        raise SystemExit(130 if name == "SIGINT" else 143) from None
     except BaseException:
         _remove(outs)
         raise

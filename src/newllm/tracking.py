@@ -15,7 +15,9 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from newllm.config import Params, flatten, params_hash, stage_params, stages
 from newllm.errors import PipelineError
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens a model-training experiment on its runs
+PID_TAG, HOST_TAG, END_REASON_TAG = "newllm.pid", "newllm.host", "newllm.end_reason"
 
 
 class TrackingError(PipelineError):
@@ -116,6 +119,8 @@ def dvc_exp_name() -> str:
 def run_tags(params: Params, stage: str) -> dict[str, str]:
     commit = git_commit()
     return {
+        # who runs it: a run left RUNNING by a process that is gone is ended by the next one (end_orphans)
+        PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
         "dvc.stage": stage,
         "dvc.exp_name": dvc_exp_name(),
         "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV") or commit,
@@ -123,6 +128,36 @@ def run_tags(params: Params, stage: str) -> dict[str, str]:
         "mlflow.source.git.commit": commit,
         "mlflow.runName": f"{stage}:{dvc_exp_name()}",
     }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def end_orphans(client: Any, exp_id: str, stage: str | None = None) -> list[str]:
+    """End KILLED the runs left RUNNING by a process of this machine that no longer exists (a kill -9, a
+    power cut); `stage`: only that stage's runs of this DVC experiment. A run of another machine, or of a
+    live process, is left alone. Returns the ended run ids."""
+    query = "attributes.status = 'RUNNING'"
+    if stage is not None:
+        query += f" and tags.`dvc.stage` = '{stage}' and tags.`dvc.exp_name` = '{dvc_exp_name()}'"
+    ended = []
+    host = socket.gethostname()
+    for run in client.search_runs([exp_id], filter_string=query, max_results=1000):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, END_REASON_TAG, f"process {pid} on {host} ended without closing the run")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 # ----------------------------------------------------------------------------------------------- DVC files
@@ -207,6 +242,8 @@ def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
 def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     declared = stages(params)[stage]
     client, exp_id = init_store(params)
+    for run_id in end_orphans(client, exp_id, stage):
+        print(f"{stage}: ended MLflow run {run_id} KILLED (its process is gone)", file=sys.stderr)
     tags = run_tags(params, stage)
     run = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags)
     run_id = run.info.run_id
@@ -249,12 +286,14 @@ def _read_plot(path: Path) -> list[dict[str, Any]]:
 
 def sync(params: Params, records: list[str] | None = None) -> list[str]:
     """Replay the DVC metrics/plots files into MLflow as runs, one per (stage, params_hash) that the
-    store lacks, so an MLflow outage or a DVC run-cache restore never hides a result. Idempotent.
+    store lacks, so an MLflow outage or a DVC run-cache restore never hides a result; first end every run
+    left RUNNING by a dead process of this machine (end_orphans). Idempotent.
     `records`: the stages to replay (default: every stage of dvc.yaml)."""
     from mlflow.entities import Metric
 
     declared = stages(params)
     client, exp_id = init_store(params)
+    end_orphans(client, exp_id)  # store-wide
     created = []
     for stage in records or list(declared):
         metrics_file, plot = declared[stage].metrics_file, declared[stage].plots_file
