@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from newllm import tracking
 from newllm.config import Params, params_hash
 
+CELL = "sweep/phase2_train/lr0.001"  # one sweep cell of New-LLM (dvc.yaml)
+
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch) -> tuple[Params, str]:
@@ -70,9 +72,10 @@ def test_sigterm_marks_the_run_killed(store, tmp_path: Path):
         "import sys, time\nfrom newllm import tracking\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\nfrom helpers import default_params\n"
         f"p = default_params(tracking={{'uri': {uri!r}, 'experiment': 't'}})\n"
-        "with tracking.stage_run('sweep/phase2_train/lr0.001', p):\n"
+        f"with tracking.stage_run({CELL!r}, p):\n"
         "    print('started', flush=True)\n    time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith(f"{CELL}: MLflow run ")  # each stage says where its run is
     assert proc.stdout.readline().strip() == "started"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) != 0
@@ -88,6 +91,7 @@ def test_sigterm_in_a_stage_is_one_line_and_exit_143(store, tmp_path: Path):
               "run_stage('tokenize', body)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("tokenize: MLflow run ")
     assert proc.stdout.readline().strip() == "started"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143

@@ -102,6 +102,14 @@ def init_store(params: Params | None = None) -> tuple[Any, str]:
     return client, exp_id
 
 
+def run_url(params: Params, exp_id: str, run_id: str) -> str:
+    """Where to see a run: its page on a tracking server, else the local store (open it with `make ui`)."""
+    uri = tracking_uri(params)
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"{uri}; `make ui` shows it"
+
+
 # ----------------------------------------------------------------------------------------------- tags
 def git_commit() -> str:
     try:
@@ -248,6 +256,7 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     run = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags)
     run_id = run.info.run_id
     tracked = StageRun(stage, declared, client, run_id)
+    print(f"{stage}: MLflow run {run_id} ({run_url(params, exp_id, run_id)})", flush=True)
 
     def on_term(signum: int, frame: Any) -> None:
         raise Terminated(signal.Signals(signum).name)

@@ -20,6 +20,7 @@ This module knows nothing of MLflow or files: the stage logs what `train_lm` ret
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -221,7 +222,8 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
     early stopping ends training after cfg.patience such epochs in a row (0 = never). The best epoch's
     weights are kept in memory and loaded back into `model` at the end.
 
-    Seeded with `seed` (dropout, any sampling); the model's initial weights are the caller's (seed before
+    `progress`: one line per epoch, plus a tqdm bar over the epoch's steps when stderr is a terminal (so
+    `dvc repro > log` gets clean lines). Seeded with `seed` (dropout, any sampling); the model's initial weights are the caller's (seed before
     building it). On CPU two calls with equal inputs give identical histories.
     """
     device = resolve_device(device)
@@ -254,7 +256,7 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
         sum_loss = torch.zeros((), dtype=torch.float64, device=device)
         n_tok = 0
         bar = tqdm(list(windows(train.size(1), cfg.seq_len)), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+                   disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
         for step, (i, t) in enumerate(bar):
             x, y = train[:, i:i + t], train[:, i + 1:i + 1 + t]
             with autocast(device):
