@@ -171,6 +171,13 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
                   _set(32, "context_dim"))
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"tokenizer": {"kind": "wordpiece"}}, "tokenizer.kind must be one of: word, char, bpe, gpt2"),
+    ({"protocol": {"lrs": []}}, "protocol.lrs is empty"),  # DVC then declares no sweep cell at all
+    ({"protocol": {"lrs": [0.01, 0.01]}}, "protocol.lrs has duplicates"),  # DVC merges the two cells
+    ({"protocol": {"replicates": [1, 1]}}, "protocol.replicates must not repeat a seed"),
+    ({"baselines": ["transformer", "gru"]}, "baselines[1] must be one of: transformer, lstm, cvp"),
+])
 def test_bad_params_leave_no_output_and_no_running_run(project: Path, edit: dict, message: str):
     params = yaml.safe_load((project / "params.yaml").read_text())
     for section, value in edit.items():
