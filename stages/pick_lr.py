@@ -7,6 +7,7 @@ from newllm.pipeline import run_stage
 
 def main(params, run) -> None:
     import json
+    import math
 
     from newllm.config import stages
     from newllm.errors import PipelineError
@@ -22,13 +23,15 @@ def main(params, run) -> None:
             path = declared[sweep_record(spec.record, lr)].metrics_file
             if not path.is_file():
                 raise PipelineError(f"missing {path}: run `dvc repro` so every sweep cell has run")
-            val[lr] = float(json.loads(path.read_text())["val_loss"])
+            m = json.loads(path.read_text())
+            # a cell that never beat its initial weights (diverged at once) is not a candidate
+            val[lr] = float(m["val_loss"]) if m["best_epoch"] > 0 else float("inf")
         lr = pick(val)
         lrs = sorted(val)
         # a best lr at the end of the sweep may not be the optimum: the sweep does not bracket it
         edge = len(lrs) > 1 and lr in (lrs[0], lrs[-1])
         chosen[spec.record] = {"lr": lr, "val_loss": val[lr], "at_sweep_edge": edge,
-                               "val_loss_by_lr": {str(k): v for k, v in sorted(val.items())}}
+                               "val_loss_by_lr": {str(k): v if math.isfinite(v) else None for k, v in sorted(val.items())}}
         curves[spec.display] = val
         print(f"pick_lr: {spec.display}: lr {lr} (val loss {val[lr]:.4f}"
               + (", at the edge of the sweep)" if edge else ")"))

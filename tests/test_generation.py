@@ -190,4 +190,8 @@ def test_generate_command_missing_checkpoint_is_one_clear_line(workspace, capsys
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: checkpoint not found: ") and err.endswith("(run the stage that writes it: `dvc repro`)")
     assert "data/checkpoints/sweep/phase2_train/lr0.003.pt" in err
+    write_params(Path("params.yaml"), baselines=["transformer"])
+    assert cli.main(["generate", "--model", "lstm", "--prompt", "the"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: lstm is not trained under these params: add it to params.yaml's baselines (transformer)"
 

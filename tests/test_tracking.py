@@ -126,7 +126,7 @@ def test_runs_left_running_by_a_dead_process_are_ended_killed(store):
 def test_sync_replays_files_once(store):
     params, uri = store
     cell = "seeds/lstm/seed1"
-    tracking.write_metrics(Path(f"reports/metrics/{cell}.json"), {"val_ppl": 12.5})
+    tracking.write_metrics(Path(f"reports/metrics/{cell}.json"), {"val_ppl": 12.5, "lr": 0.003})
     tracking.write_plot(Path(f"reports/plots/{cell}.csv"), [{"step": 0, "val_loss": 3.0}, {"step": 1, "val_loss": 2.5}])
     assert tracking.sync(params, [cell, "tokenize"]) == [cell]
     assert tracking.sync(params, [cell, "tokenize"]) == []
@@ -135,6 +135,7 @@ def test_sync_replays_files_once(store):
     assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [3.0, 2.5]
     assert runs[0].data.metrics["final.val_ppl"] == 12.5
     assert runs[0].data.params["seed"] == "1"  # the cell's seed, not params.yaml's
+    assert runs[0].data.params["lr"] == "0.003"  # the lr it was trained with, as the stage itself logs it
 
 
 def test_unreachable_server_fails_within_seconds(monkeypatch):

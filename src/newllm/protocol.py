@@ -68,8 +68,11 @@ def checkpoint(params: Any, name: str, root: Path = Path(".")) -> Path:
     """The checkpoint of registered model `name`'s run on `seed` with its chosen lr (what the report probes
     and `newllm generate` samples from), as dvc.yaml declares it."""
     from newllm.config import stages
-    from newllm.registry import MODELS
+    from newllm.registry import MODELS, compared
 
+    if MODELS[name] not in compared(params.baselines):
+        raise PipelineError(f"{name} is not trained under these params: add it to params.yaml's baselines "
+                            f"({', '.join(params.baselines)})")
     record = runs(params, MODELS[name].record, root)[params.seed]
     return Path(root) / stages(params, root)[record].outs[0]
 

@@ -317,7 +317,11 @@ def sync(params: Params, records: list[str] | None = None) -> list[str]:
         tags = {**run_tags(params, stage), "newllm.synced": "true"}
         run_id = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id
         try:
-            _log_params(client, run_id, stage_params(params, stage))
+            final = json.loads(metrics_file.read_text())
+            logged = stage_params(params, stage)
+            if "lr" in final and "lr" not in logged:  # a replicate's lr was chosen at run time (run.log_params)
+                logged["lr"] = final["lr"]
+            _log_params(client, run_id, logged)
             ts = int(time.time() * 1000)
             if plot is not None and plot.is_file():
                 batch = []
@@ -328,7 +332,7 @@ def sync(params: Params, records: list[str] | None = None) -> list[str]:
                             batch.append(Metric(k, float(v), ts, step))
                 for i in range(0, len(batch), 1000):
                     client.log_batch(run_id, metrics=batch[i:i + 1000])
-            client.log_batch(run_id, metrics=_final_metrics(json.loads(metrics_file.read_text())))
+            client.log_batch(run_id, metrics=_final_metrics(final))
             client.set_terminated(run_id, "FINISHED")
         except BaseException:
             client.set_terminated(run_id, "FAILED")

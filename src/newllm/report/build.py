@@ -165,7 +165,9 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         "(edge): the optimum may lie outside it). The chosen lr is retrained on the other seeds.",
         f"Seeds: {', '.join(map(str, seeds(params)))} (initialisation and dropout; the same data and batches). "
         "Tables give mean ± sample standard deviation over them; a difference between two models counts as "
-        "larger than the seed spread when it exceeds twice its standard error."
+        "larger than the seed spread when it exceeds twice its standard error (with 3 seeds a rough guide, not "
+        f"a significance test). Seed {params.seed}'s run is the cell the sweep selected, so its val loss is the "
+        "lowest of its sweep: the val column leans low; test is never looked at by the selection."
         + ("" if len(seeds(params)) > 2 else " **Fewer than 3 seeds: the spread is barely measured.**"),
         f"Git commit `{git_commit()[:7] or 'unknown'}`; params hash "
         f"`{params_hash(params, 'report', root)}` (the report's MLflow tag).",
@@ -203,12 +205,12 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     doc.heading("Learning-rate sweep")
     picked = read_metrics(root, declared["pick_lr"])
     sweep = {s: picked[s] for s in records}
-    doc.figure(_save(lr_sweep({display(s): {float(lr): v for lr, v in c["val_loss_by_lr"].items()}
+    doc.figure(_save(lr_sweep({display(s): {float(lr): v for lr, v in c["val_loss_by_lr"].items() if v is not None}
                                for s, c in sweep.items()}), figs / FIGURES[3]),
                f"Best val loss against lr, seed {params.seed}; the ringed cell is each model's lr")
-    lrs = list(next(iter(sweep.values()))["val_loss_by_lr"])
+    lrs = sorted(next(iter(sweep.values()))["val_loss_by_lr"], key=float)
     doc.table(Table(["model", *(f"val loss at lr {float(lr):g}" for lr in lrs), "chosen"],
-                    [[display(s), *(c["val_loss_by_lr"][lr] for lr in lrs),
+                    [[display(s), *(c["val_loss_by_lr"][lr] or "never improved" for lr in lrs),
                       f"{c['lr']:g}" + (" (edge)" if c["at_sweep_edge"] else "")] for s, c in sweep.items()]))
 
     doc.heading("Training curves")

@@ -13,7 +13,7 @@ from typing import Any
 
 from newllm.dag import Stage
 from newllm.errors import PipelineError
-from newllm.protocol import phase1_record, runs
+from newllm.protocol import chosen_lr, phase1_record, runs
 from newllm.registry import MODELS, by_record, compared
 
 NEWLLM = MODELS["newllm"].record
@@ -75,8 +75,14 @@ def seed_runs(root: Path, declared: dict[str, Stage], params: Any) -> dict[str, 
     """model record -> its final metrics on every seed (`seed` first), each from the run with its chosen lr."""
     out = {}
     for record in model_stages(params.baselines):
-        out[record] = [{**read_metrics(root, declared[cell]), "seed": seed}
-                       for seed, cell in runs(params, record, root).items()]
+        lr = chosen_lr(record, root)
+        out[record] = []
+        for seed, cell in runs(params, record, root).items():
+            m = read_metrics(root, declared[cell])
+            if (m.get("seed"), m.get("lr")) != (seed, lr):  # a file left by an older run of that cell
+                raise PipelineError(f"{declared[cell].metrics_file} holds seed {m.get('seed')}, lr {m.get('lr')}; "
+                                    f"expected seed {seed}, lr {lr}: rerun `dvc repro`")
+            out[record].append(m)
     return out
 
 
@@ -149,7 +155,8 @@ def difference(a: list[float], b: list[float]) -> tuple[float, float | None]:
 
 
 def beyond_spread(diff: float, se: float | None) -> bool | None:
-    """The rule the report states: a difference counts when it exceeds twice its standard error."""
+    """The rule the report states: a difference counts when it exceeds twice its standard error (a rough
+    guide with 3 seeds, not a significance test: the report says so)."""
     return None if se is None else abs(diff) > 2 * se
 
 
