@@ -9,7 +9,7 @@ import yaml
 from helpers import REPO, default_params, env, merge, write_params
 
 from newllm import dag
-from newllm.config import ConfigError, params_hash, parse_params, stage_params, stages
+from newllm.config import ConfigError, changed_params, params_hash, parse_params, stage_params, stages
 from newllm.registry import MODELS, TrainConfig
 
 RAW = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -148,3 +148,12 @@ def test_bad_params_fail_fast_before_heavy_imports_and_write_nothing(tmp_path: P
     assert res.returncode == 2, res.stderr
     assert "context_dim must be >= 1" in res.stderr and time.time() - t0 < 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no data, no mlflow.db
+
+
+def test_changed_params_lists_what_differs_from_a_baseline():
+    base = default_params()
+    assert changed_params(base, default_params()) == {}
+    exp = default_params(context_dim=512, protocol={"replicates": [1, 2, 3]}, train={"epochs": 7})
+    changed = changed_params(exp, base)
+    assert changed["context_dim"] == (512, 256) and changed["protocol.replicates"] == ([1, 2, 3], [1, 2])
+    assert changed["lstm.epochs"] == (7, 200)  # an inherited train: key shows in each model that reads it

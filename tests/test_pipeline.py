@@ -63,6 +63,7 @@ def _check_report(project: Path) -> None:
         for col, key in zip(range(6, 10), ("val_loss", "test_loss", "test_ppl", "test_accuracy"), strict=True):
             assert cells[col] == _pm([r[key] for r in seeds]), (row[0], key)
     report = json.loads((project / "reports/metrics/report.json").read_text())
+    assert "DVC experiment `workspace`; params as committed at `" in md  # the workspace says where it is
     p2 = _seed_metrics(project, "phase2_train")
     assert report["newllm_test_ppl"] == pytest.approx(sum(r["test_ppl"] for r in p2) / len(p2), abs=1e-4)
     assert report["seeds"] == len(p2)
@@ -156,6 +157,9 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
 
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
     assert "lr2" in shown
+    md = (project / "reports/report.md").read_text()  # the workspace now holds lr2, and its report says so
+    assert "DVC experiment `lr2`; params changed against commit `" in md
+    assert "`protocol.lrs=[0.01, 0.03]` (committed: [0.01])" in md
     runs = _runs_by_stage(project)
     assert len(runs["generate_dataset"]) == 1 and len(runs["tokenize"]) == 1  # nothing upstream reran
     (new,) = runs["sweep/phase2_train/lr0.03"]

@@ -299,6 +299,12 @@ def stage_params(params: Any, stage: str, root: Path = Path(".")) -> dict[str, A
 
 
 
+def changed_params(params: Any, baseline: Any) -> dict[str, tuple[Any, Any]]:
+    """key -> (value here, value in `baseline`) for every flat key where two Params differ."""
+    here, there = flatten(to_dict(params)), flatten(to_dict(baseline))
+    return {k: (here.get(k), there.get(k)) for k in sorted(set(here) | set(there)) if here.get(k) != there.get(k)}
+
+
 def params_hash(params: Any, stage: str, root: Path = Path(".")) -> str:
     blob = json.dumps(stage_params(params, stage, root), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

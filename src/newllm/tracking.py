@@ -124,6 +124,21 @@ def dvc_exp_name() -> str:
     return os.environ.get("DVC_EXP_NAME") or "workspace"
 
 
+def baseline_rev() -> str:
+    """The commit an experiment starts from (DVC sets it under `dvc exp run`), else HEAD."""
+    return os.environ.get("DVC_EXP_BASELINE_REV") or git_commit()
+
+
+def file_at(rev: str, path: str) -> str | None:
+    """`path` as committed at `rev` (None outside git or when it is not there)."""
+    try:
+        out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, timeout=5,
+                             cwd=project_root())
+        return out.stdout if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def run_tags(params: Params, stage: str) -> dict[str, str]:
     commit = git_commit()
     return {

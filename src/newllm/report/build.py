@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from newllm.config import Params, params_hash, stages
+from newllm.config import ConfigError, Params, changed_params, params_hash, parse_params, stages
 from newllm.errors import PipelineError
 from newllm.protocol import FULL_LRS, checkpoint, full_sweep_command, phase1_record, runs, seeds
 from newllm.registry import CONTROLS, MODELS, by_record
@@ -25,7 +25,7 @@ from newllm.report.tables import (
     read_curve,
     read_metrics,
 )
-from newllm.tracking import git_commit
+from newllm.tracking import baseline_rev, dvc_exp_name, file_at, git_commit
 
 FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png", "lr_sweep.png")
 
@@ -86,6 +86,26 @@ def answer(summary: dict[str, dict[str, Any]], per_seed: dict[str, list[dict[str
                      f"{new['test_loss']:.4f}, {abs(gap):.4f} nats/token in "
                      f"{'New-LLM' if gap > 0 else 'the control'}'s favour; {_gap(per_seed, record, NEWLLM)}.")
     return " ".join(parts)
+
+
+def _changed_line(params: Params, most: int = 12) -> str:
+    """Which params this workspace's run changed against the commit it starts from (after `dvc exp run`,
+    the workspace holds the experiment: the report says so)."""
+    import yaml
+
+    rev = baseline_rev()
+    text = file_at(rev, "params.yaml") if rev else None
+    if text is None:
+        return "no committed params.yaml to compare with."
+    try:
+        changed = changed_params(params, parse_params(yaml.safe_load(text)))
+    except (ConfigError, yaml.YAMLError):
+        return f"the params.yaml committed at `{rev[:7]}` does not validate under this version: no comparison."
+    if not changed:
+        return f"params as committed at `{rev[:7]}`."
+    shown = ", ".join(f"`{k}={here}` (committed: {there})" for k, (here, there) in list(changed.items())[:most])
+    more = f" and {len(changed) - most} more" if len(changed) > most else ""
+    return f"params changed against commit `{rev[:7]}`: {shown}{more}."
 
 
 def _save(fig, path: Path) -> Path:
@@ -169,8 +189,8 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         f"a significance test). Seed {params.seed}'s run is the cell the sweep selected, so its val loss is the "
         "lowest of its sweep: the val column leans low; test is never looked at by the selection."
         + ("" if len(seeds(params)) > 2 else " **Fewer than 3 seeds: the spread is barely measured.**"),
-        f"Git commit `{git_commit()[:7] or 'unknown'}`; params hash "
-        f"`{params_hash(params, 'report', root)}` (the report's MLflow tag).",
+        f"DVC experiment `{dvc_exp_name()}`; " + _changed_line(params) + f" Git commit `{git_commit()[:7] or 'unknown'}`; "
+        f"params hash `{params_hash(params, 'report', root)}` (the report's MLflow tag).",
         "Every model is evaluated by the same function on the same val and test tokens; losses are "
         "cross-entropy in nats per token, PPL = exp(loss), accuracy = top-1 next-token accuracy. Parameter "
         "counts include frozen parts (New-LLM's ContextBlock and embedding) and count tied matrices once.",
