@@ -91,9 +91,10 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def pm(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    return _fmt(mean) + ("" if std is None else f" ± {_fmt(std)}")
+def pm(summary: dict[str, Any], key: str) -> str:
+    """`key`'s mean ± std from a model's summary (summarise), as the table prints it."""
+    std = summary[f"{key}_std"]
+    return _fmt(summary[key]) + ("" if std is None else f" ± {_fmt(std)}")
 
 
 def summarise(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -132,8 +133,7 @@ def main_table(root: Path, declared: dict[str, Stage], params: Any
         wall = [train_wall_time(record, r, phase1_s.get(r["seed"], 0.0)) for r in seeds]
         rows.append([name, f"{m['params_trainable']:,} / {m['params_total']:,}", f"{m['lr']:g}" + (" (edge)" if sweep[record]["at_sweep_edge"] else ""),
                      round(m["train_tokens"]), round(m["optimizer_steps"]), epochs,
-                     pm([r["val_loss"] for r in seeds]), pm([r["test_loss"] for r in seeds]),
-                     pm([r["test_ppl"] for r in seeds]), pm([r["test_accuracy"] for r in seeds]),
+                     pm(m, "val_loss"), pm(m, "test_loss"), pm(m, "test_ppl"), pm(m, "test_accuracy"),
                      f"{statistics.fmean(wall):.2f}", round(m["tokens_per_s"], 1)])
     return Table(COLUMNS, rows), per_seed, summary
 
