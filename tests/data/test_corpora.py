@@ -37,3 +37,41 @@ def test_hub_dataset_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="HF_HUB_OFFLINE=1 is set"):
         load_splits(section("dataset", source="hf", hf_name="HuggingFaceH4/ultrachat_200k"), seed=0)
+
+
+# ----------------------------------------------------------------------------------------------- bad text
+def _text(tmp_path: Path, data: bytes) -> object:
+    f = tmp_path / "corpus.txt"
+    f.write_bytes(data)
+    return section("dataset", source="text", path=str(f), val_fraction=0.2, test_fraction=0.0)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"good line\n" * 20 + b"caf\xe9 au lait\n", r"corpus.txt: invalid UTF-8 at byte 203 \(0xe9"),  # latin-1
+    (Path("/bin/ls").read_bytes() if Path("/bin/ls").is_file() else b"\x7fELF\0\0", r"corpus.txt: binary content"),
+    (b"abc\x01\x02\x03\x04 def\n" * 30, r"corpus.txt: .*% of its characters are control characters"),
+    (b"", r"dataset.path .*corpus.txt: no non-empty lines"),
+    (b"one\ntwo\n", r"dataset.path .*corpus.txt: only 2 non-empty lines, too few to split"),
+], ids=["latin-1", "binary", "control-chars", "empty", "too-few-lines"])
+def test_bad_text_is_refused_naming_the_file(tmp_path: Path, data: bytes, message: str):
+    with pytest.raises(DataError, match=message):
+        load_splits(_text(tmp_path, data), seed=0)
+
+
+def test_invalid_utf8_offset_is_exact_across_read_blocks(tmp_path: Path, monkeypatch):
+    from newllm.data import corpora
+
+    monkeypatch.setattr(corpora, "BLOCK", 3)  # "é" straddles a block boundary and is fine; the cut "€" is not
+    with pytest.raises(DataError, match=r"invalid UTF-8 at byte 6 \(0xe2827a"):
+        corpora.read_lines(_text(tmp_path, b"ab\xc3\xa9cd\xe2\x82zz\n").path)
+
+
+def test_very_long_lines_are_split_at_whitespace_while_streaming(tmp_path: Path, monkeypatch, capsys):
+    from newllm.data import corpora
+
+    monkeypatch.setattr(corpora, "BLOCK", 7)
+    monkeypatch.setattr(corpora, "MAX_LINE", 10)
+    lines = corpora.read_lines(_text(tmp_path, ("w " * 40 + "\nshort\n" + "x" * 25).encode()).path)
+    assert max(map(len, lines)) <= 10 and "short" in lines
+    assert "".join(lines).replace(" ", "") == "w" * 40 + "short" + "x" * 25  # nothing lost or doubled
+    assert "line(s) longer than 10 characters split at whitespace" in capsys.readouterr().err

@@ -8,7 +8,9 @@ stream; SPEC §3 calls that a leak.)
 
 from __future__ import annotations
 
+import codecs
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,20 +35,90 @@ def _clean(lines: list[str]) -> list[str]:
     return [s for s in (line.strip() for line in lines) if s]
 
 
-def _split_block(lines: list[str], val_fraction: float, test_fraction: float) -> Splits:
+def _split_block(lines: list[str], val_fraction: float, test_fraction: float, source: str = "the dataset") -> Splits:
     n = len(lines)
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
     n_train = n - n_val - n_test
     if n_train < 1 or n_val < 1:
-        raise DataError(f"only {n} non-empty lines: too few to split into train and val")
+        raise DataError(f"{source}: only {n} non-empty lines, too few to split into train and val "
+                        f"(val_fraction {val_fraction} of them must round to at least 1)")
     return Splits(lines[:n_train], lines[n_train:n_train + n_val], lines[n_train + n_val:])
 
 
-def _read(path: str | os.PathLike) -> list[str]:
+BLOCK = 1 << 20  # bytes read at a time: memory stays bounded by the block and MAX_LINE, not the file
+MAX_LINE = 100_000  # characters: a longer line is split at whitespace, not held whole
+MAX_CONTROL_SHARE = 0.01  # more control characters than this (tab, newline aside) is not text
+_TEXT_CONTROLS = set("\t\n\r\x0b\x0c")
+
+
+def _controls(text: str) -> int:
+    return sum(1 for ch in text if (ch < " " or ch == "\x7f") and ch not in _TEXT_CONTROLS)
+
+
+def _cut(line: str) -> tuple[str, str]:
+    """A line over MAX_LINE -> (its head up to the last whitespace within MAX_LINE, the rest)."""
+    at = max(line.rfind(" ", 0, MAX_LINE), line.rfind("\t", 0, MAX_LINE))
+    at = at if at > 0 else MAX_LINE
+    return line[:at], line[at:]
+
+
+def read_lines(path: str | os.PathLike, keep: bool = True) -> list[str]:
+    """A UTF-8 text file -> its stripped non-empty lines, read block by block. Refused with the file's name:
+    invalid UTF-8 (with the byte offset of the first bad sequence), NUL bytes or over 1 % control
+    characters (binary content). Lines over MAX_LINE characters are split at whitespace, said in one line.
+    `keep` False: only check the file (returns [])."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"file not found: {p}")
-    return _clean(p.read_text(encoding="utf-8", errors="replace").splitlines())
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    lines: list[str] = []
+    pending, offset, chars, controls, split = "", 0, 0, 0, 0
+    with p.open("rb") as f:
+        while True:
+            block = f.read(BLOCK)
+            nul = block.find(b"\0")
+            if nul >= 0:
+                raise DataError(f"{p}: binary content (a NUL byte at byte {offset + nul:,}), not a text file")
+            carried = decoder.getstate()[0]  # a multi-byte sequence cut by the previous block's end
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}: invalid UTF-8 at byte {offset - len(carried) + e.start:,} "
+                                f"(0x{e.object[e.start:e.start + 4].hex()}); re-encode it as UTF-8") from None
+            offset += len(block)
+            chars += len(text)
+            controls += _controls(text)
+            parts = (pending + text).splitlines(keepends=True)
+            pending = parts.pop() if parts and block and not parts[-1].endswith(("\n", "\r")) else ""
+            short = []
+            for part in parts:  # every line over MAX_LINE, whole in this block or not
+                while len(part) > MAX_LINE:
+                    head, part = _cut(part)
+                    short.append(head)
+                    split += 1
+                short.append(part)
+            while len(pending) > MAX_LINE:  # an unfinished line is cut as it streams in
+                head, pending = _cut(pending)
+                short.append(head)
+                split += 1
+            if keep:
+                lines.extend(_clean(short))
+            if not block:
+                break
+    if chars and controls / chars > MAX_CONTROL_SHARE:
+        raise DataError(f"{p}: {controls / chars:.1%} of its characters are control characters: binary content, "
+                        "not a text file")
+    if split:
+        print(f"dataset: {p}: {split} line(s) longer than {MAX_LINE:,} characters split at whitespace",
+              file=sys.stderr)
+    return lines
+
+
+def _read(path: str | os.PathLike, what: str) -> list[str]:
+    lines = read_lines(path)
+    if not lines:
+        raise DataError(f"{what} {Path(path).expanduser()}: no non-empty lines")
+    return lines
 
 
 def _offline() -> bool:
@@ -93,9 +165,11 @@ def load_splits(cfg: DatasetConfig, seed: int) -> Splits:
 
     if cfg.source == "text":
         if cfg.path:
-            return _split_block(_cap(_read(cfg.path), cfg.max_samples), cfg.val_fraction, cfg.test_fraction)
-        test = _read(cfg.test_path) if cfg.test_path else []
-        return Splits(_cap(_read(cfg.train_path), cfg.max_samples), _read(cfg.val_path), test)
+            return _split_block(_cap(_read(cfg.path, "dataset.path"), cfg.max_samples), cfg.val_fraction,
+                                cfg.test_fraction, f"dataset.path {Path(cfg.path).expanduser()}")
+        test = _read(cfg.test_path, "dataset.test_path") if cfg.test_path else []
+        return Splits(_cap(_read(cfg.train_path, "dataset.train_path"), cfg.max_samples),
+                      _read(cfg.val_path, "dataset.val_path"), test)
 
     if cfg.source == "wikitext2":
         how_to = ("Point dataset.wikitext_dir at a folder holding train.txt, valid.txt and test.txt "
@@ -106,6 +180,8 @@ def load_splits(cfg: DatasetConfig, seed: int) -> Splits:
             missing = [str(p) for p in files.values() if not p.is_file()]
             if missing:
                 raise DataError(f"dataset.wikitext_dir: missing {', '.join(missing)}. {how_to}")
+            for path in files.values():  # refuse bad text before HF's reader sees it
+                read_lines(path, keep=False)
             import datasets
 
             ds = datasets.load_dataset("text", data_files={k: str(v) for k, v in files.items()})
