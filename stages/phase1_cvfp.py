@@ -14,35 +14,42 @@ def seed_of(params) -> int:
     return params.seed if SEED is None else SEED
 
 
-def main(params, run) -> None:
-    import torch
-
+def precheck(params) -> None:
+    """Before any MLflow run: the stream count against the cached train tokens."""
     from newllm.data.token_cache import load_cache
     from newllm.errors import PipelineError
-    from newllm.models.cvfp import NewLLM
-    from newllm.models.factory import context_hparams, count_params
-    from newllm.report.figures import phase1_curves
-    from newllm.training import checkpoint
-    from newllm.training.phase1 import train_phase1
 
     cache = load_cache()
     n_train = min(len(cache.train), params.phase1.max_tokens or len(cache.train))
     if n_train // params.phase1.streams < 2:
         raise PipelineError(f"params.yaml: phase1.streams ({params.phase1.streams}) is too large for the "
                             f"{n_train:,} Phase 1 tokens (needs >= 2 tokens a stream)")
+
+
+def main(params, run) -> None:
+    import torch
+
+    from newllm.data.token_cache import load_cache
+    from newllm.models.cvfp import NewLLM
+    from newllm.models.factory import context_hparams, count_params
+    from newllm.report.figures import phase1_curves
+    from newllm.training import checkpoint, resume
+    from newllm.training.phase1 import train_phase1
+
+    cache = load_cache()
     seed = seed_of(params)
     torch.manual_seed(seed)
     model = NewLLM.from_config(params, cache.vocab_size)
-    history: list[dict] = []
 
     def on_iteration(k: int, metrics: dict) -> None:
-        history.append({"iteration": k, **metrics})
         run.log_step(metrics, step=k)
 
     train = torch.from_numpy(cache.train.astype("int64"))
     val = torch.from_numpy(cache.val.astype("int64"))
-    result = train_phase1(model, train, params.phase1, seed=seed, val_ids=val,
-                          on_iteration=on_iteration, device=params.device)
+    result = train_phase1(model, train, params.phase1, seed=seed, val_ids=val, on_iteration=on_iteration,
+                          device=params.device, resume=run.resumed, on_checkpoint=run.save_resume,
+                          checkpoint_every_s=resume.EVERY_S)
+    history = [{"iteration": k, **m} for k, m in enumerate(result.history)]  # a resume's included
     frozen = {k: v for k, v in model.state_dict().items() if k.startswith(("embedding.", "context_block."))}
     checkpoint.save(run.declared.outs[0], frozen, context_hparams(params, cache.vocab_size))
     run.log_figure(phase1_curves(history), "phase1_curves.png")
@@ -68,4 +75,4 @@ if __name__ == "__main__":
 
     if len(sys.argv) > 1 and SEED is None:
         sys.exit("usage: phase1_cvfp.py [--seed N]")
-    run_stage(lambda params: phase1_record(seed_of(params)), main)
+    run_stage(lambda params: phase1_record(seed_of(params)), main, precheck)

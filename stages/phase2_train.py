@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from newllm.data import token_cache
 from newllm.pipeline import run_cell
 
 NAME = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -46,12 +47,11 @@ def main(params, run, cell) -> None:
     from newllm.report.figures import lm_curves
     from newllm.training import checkpoint
     from newllm.training.checkpoint import CheckpointError
-    from newllm.training.lm_stage import check_sizes, fit_lm
+    from newllm.training.lm_stage import fit_lm
     from newllm.training.phase1 import compute_contexts, context_cache_shape
     from newllm.training.trainer import resolve_device
 
     cache = load_cache()
-    check_sizes(cache, params.phase2, "phase2", params.eval_batch_size)
     with_phase1 = factory.spec(NAME).trains == "cvfp"
     if with_phase1:
         phase1 = stages(params)[phase1_record(cell.seed)].outs[0]  # the ContextBlock of this seed
@@ -105,6 +105,6 @@ if __name__ == "__main__":
 
         if MODELS.get(NAME) is None or MODELS[NAME].trains not in ("cvfp", "phase2"):
             sys.exit("usage: phase2_train.py {newllm,newllm_phase1_off} (--lr X | --seed N)")
-        run_cell(NAME, CELL, main)
+        run_cell(NAME, CELL, main, precheck=lambda params: token_cache.check_sizes(params, "phase2"))
     finally:
         shutil.rmtree(TMP, ignore_errors=True)

@@ -24,7 +24,7 @@ def main(params, run) -> None:
             if not path.is_file():
                 raise PipelineError(f"missing {path}: run `dvc repro` so every sweep cell has run")
             m = json.loads(path.read_text())
-            # a cell that never beat its initial weights (diverged at once) is not a candidate
+            # a cell that never beat its initial weights is not a candidate
             val[lr] = float(m["val_loss"]) if m["best_epoch"] > 0 else float("inf")
         lr = pick(val)
         lrs = sorted(val)

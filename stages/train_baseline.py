@@ -5,6 +5,7 @@ chosen lr."""
 
 import sys
 
+from newllm.data import token_cache
 from newllm.pipeline import run_cell
 
 NAME = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -23,12 +24,11 @@ def main(params, run, cell) -> None:
     from newllm.errors import PipelineError
     from newllm.models import factory
     from newllm.report.figures import lm_curves
-    from newllm.training.lm_stage import check_sizes, fit_lm
+    from newllm.training.lm_stage import fit_lm
 
     cache = load_cache()
     spec = factory.spec(NAME)
     cfg = getattr(params, spec.section)
-    check_sizes(cache, cfg, spec.section, params.eval_batch_size)
     cls = factory.model_class(NAME)
     matched = {}
     if spec.role == "baseline":
@@ -63,4 +63,4 @@ if __name__ == "__main__":
     LM = [name for name, s in MODELS.items() if s.trains == "lm"]
     if NAME not in LM:  # never let a wrong name reach run_stage, which removes that stage's outputs
         sys.exit(f"usage: train_baseline.py {{{','.join(LM)}}} (--lr X | --seed N)")
-    run_cell(NAME, sys.argv[2:], main)
+    run_cell(NAME, sys.argv[2:], main, precheck=lambda params: token_cache.check_sizes(params, MODELS[NAME].section))

@@ -15,7 +15,8 @@ SRC = REPO / "src"
 # stages draw only MLflow copies of their curves with report/figures.py; the report draws its outputs with it.
 # protocol.py names the cells (the harness's job) and holds the rule that picks an lr: a dep of pick_lr.
 NOT_DEPS = {"newllm/pipeline.py", "newllm/tracking.py", "newllm/dag.py", "newllm/errors.py", "newllm/registry.py",
-            "newllm/report/figures.py", "newllm/protocol.py"}
+            "newllm/report/figures.py", "newllm/protocol.py",
+            "newllm/training/resume.py"}  # saves and restores a trainer's state: a resume gives identical numbers
 # the report also depends on the registry (display names), its figures and the protocol (which runs it reads)
 EXTRA_DEPS = {"report": {"newllm/report/figures.py", "newllm/registry.py", "newllm/protocol.py"},
               "pick_lr": {"newllm/protocol.py"}}

@@ -13,9 +13,9 @@ from newllm.protocol import cell, pick, runs
 
 def test_pick_takes_the_lowest_finite_val_loss_and_breaks_ties_low():
     assert pick({0.001: 2.0, 0.003: 1.9, 0.01: 2.5}) == 0.003
-    assert pick({0.001: 2.0, 0.003: math.nan, 0.01: math.inf}) == 0.001  # a diverged cell is never chosen
+    assert pick({0.001: 2.0, 0.003: math.nan, 0.01: math.inf}) == 0.001  # a never-improved cell (inf) is never chosen
     assert pick({0.01: 1.5, 0.001: 1.5}) == 0.001
-    with pytest.raises(PipelineError, match="every cell of the lr sweep diverged"):
+    with pytest.raises(PipelineError, match="no cell of the lr sweep beat its initial weights"):
         pick({0.001: math.nan})
 
 

@@ -208,6 +208,13 @@ def _cross_checks(p: Any) -> None:
             _check_file(f"dataset.{key}", getattr(d, key))
     if d.source == "wikitext2":
         _check_file("dataset.wikitext_dir", d.wikitext_dir, is_dir=True)
+        missing = [f for f in ("train.txt", "valid.txt", "test.txt")
+                   if d.wikitext_dir and not (Path(d.wikitext_dir).expanduser() / f).is_file()]
+        if missing:
+            raise ConfigError(f"params.yaml: dataset.wikitext_dir {d.wikitext_dir} has no {', '.join(missing)} "
+                              "(WikiText-2's raw layout: train.txt, valid.txt, test.txt)")
+    if not p.report.prompts:
+        raise ConfigError("params.yaml: report.prompts is empty: the report's samples need at least one prompt")
     if p.tokenizer.kind == "gpt2":
         _check_file("tokenizer.path", p.tokenizer.path, is_dir=True)
     if p.embedding == "gpt2":

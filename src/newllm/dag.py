@@ -81,9 +81,9 @@ def _substitute(node: Any, context: dict[str, Any], where: str) -> Any:
 def _stage(name: str, body: dict[str, Any], where: Path, cell: dict[str, Any]) -> Stage:
     records = _paths(body.get("metrics")) + _paths(body.get("plots"))
     metrics = next((p for p in records if p.endswith(".json")), None)
-    if metrics is None or not metrics.startswith(METRICS_DIR):
-        raise PipelineError(f"{where}: stage {name} declares no metrics file under {METRICS_DIR}")
-    record = metrics[len(METRICS_DIR):-len(".json")]
+    if metrics is not None and not metrics.startswith(METRICS_DIR):
+        raise PipelineError(f"{where}: stage {name}'s metrics file {metrics} is not under {METRICS_DIR}")
+    record = name if metrics is None else metrics[len(METRICS_DIR):-len(".json")]  # `validate` has none
     return Stage(name, record, body.get("cmd", ""), _paths(body.get("params")), _paths(body.get("deps")),
                  _paths(body.get("outs")), records, tuple((k, v) for k, v in cell.items() if k != "model"))
 

@@ -45,12 +45,14 @@ def make_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)  # a CUDA op without a deterministic kernel warns
 
 
-def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any], None]) -> None:
+def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any], None],
+              precheck: Callable[[Params], None] | None = None) -> None:
     """Validate params, open the stage's MLflow run, run `body(params, run)`, clean up on failure.
 
     `stage` is the stage's record (its metrics file under reports/metrics/, dag.py): "tokenize",
     "sweep/lstm/lr0.001", or a function of the params giving it (a cell named by its command line, which
-    may read the chosen lr). Its outputs are the ones dvc.yaml declares (`run.declared`)."""
+    may read the chosen lr). Its outputs are the ones dvc.yaml declares (`run.declared`). `precheck(params)`
+    checks the params against the stage's input files (sizes) before any MLflow run opens."""
     params = load_params_or_exit()
     try:
         record = stage if isinstance(stage, str) else stage(params)
@@ -59,6 +61,8 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
             raise PipelineError(f"dvc.yaml has no stage for {record!r} under these params (a baseline runs only "
                                 f"when params.yaml's baselines lists it: {', '.join(params.baselines)}; an lr "
                                 f"or a seed only when protocol lists it)")
+        if precheck is not None:
+            precheck(params)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -77,14 +81,19 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
     except (KeyboardInterrupt, tracking.Terminated) as e:  # one line, not a traceback; the run ended KILLED
         _remove(outs)
         name = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
-        print(f"error: {record}: stopped by {name}; MLflow run ended KILLED, no output kept", file=sys.stderr)
+        from newllm.training.resume import RESUME_DIR
+
+        saved = RESUME_DIR / f"{record}.pt"
+        then = f"; `dvc repro` resumes from {saved}" if saved.is_file() else ""
+        print(f"error: {record}: stopped by {name}; MLflow run ended KILLED, no output kept{then}", file=sys.stderr)
         raise SystemExit(130 if name == "SIGINT" else 143) from None
     except BaseException:
         _remove(outs)
         raise
 
 
-def run_cell(name: str, argv: list[str], body: Callable[[Params, Any, Any], None]) -> None:
+def run_cell(name: str, argv: list[str], body: Callable[[Params, Any, Any], None],
+             precheck: Callable[[Params], None] | None = None) -> None:
     """run_stage for one protocol cell of registered model `name`, named by its command line (`--lr X` or
     `--seed N`, protocol.cell); `body(params, run, cell)` gets the cell's seed and lr."""
     from newllm.protocol import cell
@@ -96,4 +105,4 @@ def run_cell(name: str, argv: list[str], body: Callable[[Params, Any, Any], None
         resolved["cell"] = cell(params, MODELS[name].record, argv)
         return resolved["cell"].record
 
-    run_stage(record, lambda params, run: body(params, run, resolved["cell"]))
+    run_stage(record, lambda params, run: body(params, run, resolved["cell"]), precheck)

@@ -27,7 +27,8 @@ from typing import Any
 from filelock import FileLock
 
 from newllm.config import Params, flatten, params_hash, stage_params, stages
-from newllm.errors import PipelineError
+from newllm.errors import Diverged, PipelineError
+from newllm.training.resume import ResumeFile, dep_key
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens a model-training experiment on its runs
 PID_TAG, HOST_TAG, END_REASON_TAG = "newllm.pid", "newllm.host", "newllm.end_reason"
@@ -163,10 +164,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def end_orphans(client: Any, exp_id: str, stage: str | None = None) -> list[str]:
+def end_orphans(client: Any, exp_id: str, stage: str | None = None, keep: str | None = None) -> list[str]:
     """End KILLED the runs left RUNNING by a process of this machine that no longer exists (a kill -9, a
     power cut); `stage`: only that stage's runs of this DVC experiment. A run of another machine, or of a
-    live process, is left alone. Returns the ended run ids."""
+    live process, is left alone, and so is `keep` (the run a resume continues). Returns the ended run ids."""
     query = "attributes.status = 'RUNNING'"
     if stage is not None:
         query += f" and tags.`dvc.stage` = '{stage}' and tags.`dvc.exp_name` = '{dvc_exp_name()}'"
@@ -175,7 +176,7 @@ def end_orphans(client: Any, exp_id: str, stage: str | None = None) -> list[str]
     for run in client.search_runs([exp_id], filter_string=query, max_results=1000):
         tags = run.data.tags
         pid = tags.get(PID_TAG, "")
-        if tags.get(HOST_TAG) != host or not pid.isdigit() or _alive(int(pid)):
+        if run.info.run_id == keep or tags.get(HOST_TAG) != host or not pid.isdigit() or _alive(int(pid)):
             continue
         client.set_tag(run.info.run_id, END_REASON_TAG, f"process {pid} on {host} ended without closing the run")
         client.set_terminated(run.info.run_id, "KILLED")
@@ -227,8 +228,14 @@ class StageRun:
     declared: Any  # its dag.Stage: outs, metrics and plots files
     client: Any
     run_id: str
+    resume_file: ResumeFile
+    resumed: dict[str, Any] | None = None  # the trainer's state saved by a killed run of this stage, if any
     curve: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] | None = None
+
+    def save_resume(self, state: dict[str, Any]) -> None:
+        """The trainer's whole state, with this run's id and curve so far (training/resume.py)."""
+        self.resume_file.save({"trainer": state, "run_id": self.run_id, "curve": self.curve})
 
     def log_step(self, values: dict[str, Any], step: int) -> None:
         """One point of the stage's curve: to MLflow now, to its plots file (dvc.yaml) at the end."""
@@ -261,17 +268,42 @@ def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i:i + 100])
 
 
+def _reattach(client: Any, exp_id: str, run_id: str, tags: dict[str, str]) -> bool:
+    """Make a killed run of this stage RUNNING again under this process (False: it is not in this store)."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # deleted, or another store: the resume starts a new run
+        return False
+    if run.info.experiment_id != exp_id or run.info.lifecycle_stage != "active":
+        return False
+    client.update_run(run_id, status="RUNNING")
+    with contextlib.suppress(Exception):  # a SIGTERM'd run carries one
+        client.delete_tag(run_id, END_REASON_TAG)
+    for key in (PID_TAG, HOST_TAG):
+        client.set_tag(run_id, key, tags[key])
+    return True
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
+    """The stage's MLflow run around its body: a resume continues the killed run's (same id, curve
+    continued); divergence (`Diverged`) discards the resume file, any other failure keeps it."""
     declared = stages(params)[stage]
+    resume_file = ResumeFile(stage, lambda: dep_key(params_hash(params, stage), declared.deps))
+    saved = resume_file.load()
     client, exp_id = init_store(params)
-    for run_id in end_orphans(client, exp_id, stage):
+    for run_id in end_orphans(client, exp_id, stage, keep=saved and saved["run_id"]):
         print(f"{stage}: ended MLflow run {run_id} KILLED (its process is gone)", file=sys.stderr)
     tags = run_tags(params, stage)
-    run = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags)
-    run_id = run.info.run_id
-    tracked = StageRun(stage, declared, client, run_id)
+    if saved and _reattach(client, exp_id, saved["run_id"], tags):
+        run_id = saved["run_id"]
+    else:
+        run_id = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id
+    tracked = StageRun(stage, declared, client, run_id, resume_file,
+                       resumed=saved and saved["trainer"], curve=list(saved["curve"]) if saved else [])
     print(f"{stage}: MLflow run {run_id} ({run_url(params, exp_id, run_id)})", flush=True)
+    if saved:
+        print(f"{stage}: resuming from {resume_file.path} ({_position(saved['trainer'])})", flush=True)
 
     def on_term(signum: int, frame: Any) -> None:
         raise Terminated(signal.Signals(signum).name)
@@ -287,12 +319,24 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
             write_metrics(declared.metrics_file, tracked.final)
             client.log_batch(run_id, metrics=_final_metrics(tracked.final))
         status = "FINISHED"
+        resume_file.clear()
     except (KeyboardInterrupt, Terminated):
         status = "KILLED"
+        raise
+    except BaseException as e:  # the reason, as the one line the harness prints, on the FAILED run
+        with contextlib.suppress(Exception):
+            client.set_tag(run_id, END_REASON_TAG, f"{type(e).__name__}: {e}"[:5000])
+        if isinstance(e, Diverged):
+            resume_file.clear()  # resuming would diverge again
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         client.set_terminated(run_id, status)
+
+
+def _position(trainer_state: dict[str, Any]) -> str:
+    pos = [f"{k} {trainer_state[k]}" for k in ("epoch", "step", "iteration") if k in trainer_state]
+    return ", ".join(pos) + " done" if pos else "saved state"
 
 
 def _final_metrics(metrics: dict[str, Any]) -> list[Any]:

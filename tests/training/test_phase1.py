@@ -376,3 +376,30 @@ def test_the_last_layernorm_gain_trains_only_when_asked(train_gain):
     train_phase1(model, stream(), replace(CFG, train_last_gain=train_gain), device="cpu")
     assert torch.equal(gain.detach(), before) != train_gain  # frozen at its init unless trained
     assert not torch.equal(model.context_block.layers[0].norm.weight.detach(), first)  # the rest trains
+
+
+def test_a_non_finite_loss_stops_phase1_in_that_step():
+    from newllm.errors import Diverged
+
+    cfg = replace(CFG, lr=1e38, iterations=6)
+    with pytest.raises(Diverged, match=r"(loss|gradient norm).* (nan|inf)|became (nan|inf) at iteration \d+ step 1"):
+        run(cfg)
+
+
+def test_resume_from_a_saved_iteration_gives_the_uninterrupted_run():
+    """Save after every iteration, restart a fresh model from iteration 2's state: history, contexts and
+    weights are the uninterrupted run's, bit for bit (CPU), noise and ER subsampling included."""
+    cfg = replace(CFG, iterations=5, noise=0.05)
+    strip = lambda h: [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in h]  # noqa: E731
+    saved, full_model = [], tiny()
+    full = train_phase1(full_model, stream(), cfg, device="cpu", seed=3, val_ids=stream(20, 5),
+                        on_checkpoint=lambda s: saved.append(copy.deepcopy(s)), checkpoint_every_s=0.0)
+    assert [s["iteration"] for s in saved] == [1, 2, 3, 4]
+    again_model = tiny(seed=9)
+    again = train_phase1(again_model, stream(), cfg, device="cpu", seed=3, val_ids=stream(20, 5), resume=saved[1])
+    assert strip(again.history) == strip(full.history)
+    assert (again.sequential_cosine, again.train_er, again.val_er) == (full.sequential_cosine, full.train_er,
+                                                                        full.val_er)
+    assert torch.equal(again.contexts, full.contexts)
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(v, again_model.state_dict()[k]), k

@@ -1,5 +1,6 @@
 """The generic LM trainer and the shared evaluation."""
 
+import copy
 import math
 
 import pytest
@@ -151,24 +152,81 @@ def test_training_is_deterministic_under_a_seed_and_learns(make):
 
 
 def test_early_stopping_plateau_and_best_checkpoint():
-    """min_delta so large that no epoch after the first counts as an improvement."""
+    """min_delta so large that no epoch beats the initial weights (epoch 0): the model ends holding them."""
     model = lstm()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    before = evaluate(model, stream(120, 2), 8, 4)
     seen = []
     res = train_lm(model, stream(400, 1), stream(120, 2),
                    cfg(epochs=10, patience=3, min_delta=1e9, scheduler="plateau", plateau_factor=0.25), lr=0.01,
                    device="cpu", progress=False, on_epoch=lambda e, m: seen.append(e))
-    assert res.epochs_run == 4 and res.stopped_early and seen == [1, 2, 3, 4]
-    # epoch 1 improves (from inf); each later epoch does not, so the next one runs at lr / 4
-    assert [h["lr"] for h in res.history] == pytest.approx([0.01, 0.01, 0.0025, 0.000625])
-    assert res.best_epoch == 1
-    # the model holds epoch 1's weights again, not the last epoch's
+    assert res.epochs_run == 3 and res.stopped_early and seen == [1, 2, 3]
+    # no epoch improves, so each next one runs at lr / 4
+    assert [h["lr"] for h in res.history] == pytest.approx([0.01, 0.0025, 0.000625])
+    assert res.best_epoch == 0 and res.initial_val_loss == pytest.approx(before["loss"], rel=1e-12)
+    # the model holds the initial weights again, not the last epoch's
     for k, v in model.state_dict().items():
-        assert torch.equal(v, res.best_state[k])
+        assert torch.equal(v, initial[k]) and torch.equal(v, res.best_state[k])
     again = evaluate(model, stream(120, 2), 8, 4)
-    assert again["loss"] == pytest.approx(res.history[0]["val_loss"], rel=1e-9)
+    assert again["loss"] == pytest.approx(before["loss"], rel=1e-12)
     assert again["loss"] != pytest.approx(res.history[-1]["val_loss"], rel=1e-6)
-    assert res.best_val_loss == res.history[0]["val_loss"]
+    assert res.best_val_loss == res.initial_val_loss
     assert res.best_val_ppl == pytest.approx(math.exp(res.best_val_loss))
+
+
+def test_the_best_epoch_is_kept_when_later_ones_are_worse():
+    model = lstm()
+    res = train_lm(model, stream(400, 1), stream(120, 2), cfg(epochs=12, patience=2), lr=0.3, device="cpu",
+                   progress=False)  # a large lr: val gets worse again
+    assert 1 <= res.best_epoch < res.epochs_run
+    assert res.best_val_loss == min(h["val_loss"] for h in res.history) < res.initial_val_loss
+    assert evaluate(model, stream(120, 2), 8, 4)["loss"] == pytest.approx(res.best_val_loss, rel=1e-9)
+
+
+def test_a_non_finite_loss_stops_training_in_that_step():
+    from newllm.errors import Diverged
+
+    seen = []
+    with pytest.raises(Diverged, match=r"loss became (nan|inf) at epoch 1 step 2 \(last finite loss \d+\.\d+\)"):
+        train_lm(lstm(), stream(400, 1), stream(120, 2), cfg(optimizer="sgd", grad_clip=0.0, epochs=50), lr=1e38,
+                 device="cpu", progress=False, on_epoch=lambda e, m: seen.append(m))
+    assert seen == []  # stopped inside the first epoch, before any epoch was reported
+
+
+def test_an_exploded_but_finite_run_never_beats_its_initial_weights():
+    """lr 1e30: losses ~1e30 stay finite, so no error -- but best_epoch 0, the untrained model, never an epoch."""
+    model = lstm()
+    before = evaluate(model, stream(120, 2), 8, 4)["loss"]
+    res = train_lm(model, stream(400, 1), stream(120, 2), cfg(optimizer="sgd", grad_clip=0.0, epochs=3, patience=2),
+                   lr=1e30, device="cpu", progress=False)
+    assert min(h["val_loss"] for h in res.history) > 1e20
+    assert res.best_epoch == 0 and res.best_val_loss == pytest.approx(before, rel=1e-12)
+
+
+def _no_time(history):
+    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "epoch_time_s")} for m in history]
+
+
+@pytest.mark.parametrize("make", [lstm, lambda: CVPLM(V, embed_dim=8, context_dim=8, hidden_dim=8, num_layers=1)], ids=["lstm", "cvp"])
+@pytest.mark.parametrize("at", ["mid-epoch", "epoch end"])
+def test_resume_from_a_saved_state_gives_the_uninterrupted_run(make, at):
+    """Save every step (checkpoint_every_s=0), restart a fresh model from one state: the rest of the run,
+    the kept weights and the curve are those of the uninterrupted run, bit for bit (CPU)."""
+    conf = cfg(epochs=4, patience=2, scheduler="plateau", min_delta=0.01)
+    torch.manual_seed(0)
+    full_model, saved = make(), []
+    full = train_lm(full_model, stream(400, 1), stream(120, 2), conf, lr=0.02, device="cpu", progress=False,
+                    on_checkpoint=lambda s: saved.append(copy.deepcopy(s)), checkpoint_every_s=0.0)
+    pick = [s for s in saved if (s["step"] > 0) == (at == "mid-epoch") and s["epoch"] >= 1][0]
+    torch.manual_seed(123)  # a fresh model with other weights: all must come from the state
+    again_model = make()
+    again = train_lm(again_model, stream(400, 1), stream(120, 2), conf, lr=0.02, device="cpu", progress=False,
+                     resume=pick)
+    assert _no_time(again.history) == _no_time(full.history)
+    assert (again.best_epoch, again.best_val_loss, again.steps, again.train_tokens) == \
+        (full.best_epoch, full.best_val_loss, full.steps, full.train_tokens)
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(v, again_model.state_dict()[k]), k
 
 
 def test_patience_zero_never_stops_and_constant_lr_stays():

@@ -11,6 +11,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,3 +82,18 @@ def load_cache(root: str | Path = "data/tokens") -> TokenCache:
     if arrays["train"].size < 2 or arrays["val"].size < 2:
         raise TokenCacheError(f"token cache at {root} has an empty train or val split")
     return TokenCache(root, meta, **arrays)
+
+
+def check_sizes(params: Any, section: str) -> None:
+    """Data-size limits of params.yaml `section` (a next-token trainer's) and eval_batch_size against the
+    token cache, checked before any compute or MLflow run (batchify needs >= 2 tokens a row)."""
+    cache, cfg, eval_batch_size = load_cache(), getattr(params, section), params.eval_batch_size
+    train = min(len(cache.train), cfg.max_tokens or len(cache.train))
+    if train // cfg.batch_size < 2:
+        raise PipelineError(f"params.yaml: {section}.batch_size ({cfg.batch_size}) is too large for the "
+                            f"{train:,} train tokens (needs >= 2 tokens a row)")
+    for split in ("val", "test"):
+        n = len(getattr(cache, split))
+        if (split == "val" or n) and n // eval_batch_size < 2:
+            raise PipelineError(f"params.yaml: eval_batch_size ({eval_batch_size}) is too large for the "
+                                f"{n:,} {split} tokens (needs >= 2 tokens a row)")

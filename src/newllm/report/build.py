@@ -177,7 +177,8 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         "Val selects (early stopping, the best epoch, whose weights are kept, and the learning rate); **test is "
         f"the headline** of every table, ratio and sentence. Every model trains until {params.train.patience} epochs without a "
         f"val improvement, capped at {params.train.epochs} epochs; a model whose best epoch is its last is "
-        "flagged undertrained.",
+        "flagged undertrained, one that never beats its initial weights (epoch 0) is flagged as such. A "
+        "non-finite loss stops its run as a failure: no diverged run is ever reported.",
         "Every baseline is sized to New-LLM's total parameter count (±10 %) by a width search."
         if params.protocol.match_params else "Baselines are NOT sized to New-LLM (protocol.match_params: false).",
         f"Learning rate: every model goes through the same sweep, {', '.join(f'{lr:g}' for lr in params.protocol.lrs)}, "

@@ -104,7 +104,9 @@ def summarise(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, 
         s: dict[str, Any] = {"seeds": [m["seed"] for m in seeds], "lr": seeds[0]["lr"],
                              "matched": seeds[0].get("matched"), "params_total": seeds[0]["params_total"],
                              "params_trainable": seeds[0]["params_trainable"], "val_tokens": seeds[0]["val_tokens"],
-                             "undertrained_seeds": sum(bool(m["undertrained"]) for m in seeds)}
+                             "undertrained_seeds": sum(bool(m["undertrained"]) for m in seeds),
+                             # best epoch 0: the untrained initial weights (older records lack the key)
+                             "never_improved_seeds": sum(bool(m.get("never_improved")) for m in seeds)}
         for key in ("val_loss", "test_loss", "test_ppl", "test_accuracy", "train_tokens", "optimizer_steps",
                     "tokens_per_s", "train_wall_time_s", "context_cache_s"):
             if key in seeds[0]:
@@ -130,6 +132,9 @@ def main_table(root: Path, declared: dict[str, Stage], params: Any
         epochs = ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in seeds)
         if m["undertrained_seeds"]:
             epochs += f" **undertrained** ({m['undertrained_seeds']} of {len(seeds)})"
+        if m["never_improved_seeds"]:
+            epochs += (f" **never beat its initial weights** ({m['never_improved_seeds']} of {len(seeds)}: "
+                       "those numbers are of an untrained model)")
         wall = [train_wall_time(record, r, phase1_s.get(r["seed"], 0.0)) for r in seeds]
         rows.append([name, f"{m['params_trainable']:,} / {m['params_total']:,}", f"{m['lr']:g}" + (" (edge)" if sweep[record]["at_sweep_edge"] else ""),
                      round(m["train_tokens"]), round(m["optimizer_steps"]), epochs,

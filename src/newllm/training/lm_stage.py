@@ -10,23 +10,10 @@ import torch
 from torch import nn
 
 from newllm.data.token_cache import TokenCache
-from newllm.errors import PipelineError
 from newllm.models.factory import count_params
 from newllm.registry import TrainConfig
+from newllm.training import resume
 from newllm.training.trainer import evaluate, train_lm
-
-
-def check_sizes(cache: TokenCache, cfg: TrainConfig, section: str, eval_batch_size: int) -> None:
-    """Data-size limits of the params, checked before any compute (batchify needs >= 2 tokens a row)."""
-    train = min(len(cache.train), cfg.max_tokens or len(cache.train))
-    if train // cfg.batch_size < 2:
-        raise PipelineError(f"params.yaml: {section}.batch_size ({cfg.batch_size}) is too large for the "
-                            f"{train:,} train tokens (needs >= 2 tokens a row)")
-    for split in ("val", "test"):
-        n = len(getattr(cache, split))
-        if (split == "val" or n) and n // eval_batch_size < 2:
-            raise PipelineError(f"params.yaml: eval_batch_size ({eval_batch_size}) is too large for the "
-                                f"{n:,} {split} tokens (needs >= 2 tokens a row)")
 
 
 def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, lr: float, seed: int,
@@ -35,16 +22,16 @@ def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, l
     """Train `model` with the one generic trainer (it ends holding its best epoch's weights); each epoch's
     metrics go to `run.log_step`. Returns (final metrics, per-epoch history)."""
     extras = extras or {}
-    history: list[dict[str, Any]] = []
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        history.append({"epoch": epoch, **metrics})
         run.log_step(metrics, step=epoch)
 
     ids = {s: torch.from_numpy(getattr(cache, s).astype("int64")) for s in ("train", "val", "test")}
     result = train_lm(model, ids["train"], ids["val"], cfg, lr=lr, extras_train=extras.get("train"),
                       extras_val=extras.get("val"), device=device, seed=seed, on_epoch=on_epoch,
-                      eval_batch_size=eval_batch_size)
+                      eval_batch_size=eval_batch_size, resume=run.resumed, on_checkpoint=run.save_resume,
+                      checkpoint_every_s=resume.EVERY_S)
+    history = [{"epoch": e, **m} for e, m in enumerate(result.history, start=1)]  # a resume's included
     # The best weights, through the one evaluation, on the val tokens every model predicts.
     val = evaluate(model, ids["val"], cfg.seq_len, eval_batch_size, extras=extras.get("val"))
     trainable, total = count_params(model)
@@ -52,6 +39,8 @@ def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, l
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "optimizer_steps": result.steps,
         # still improving when training ended (the epoch cap bound, or early stopping is off)
         "undertrained": result.best_epoch == result.epochs_run,
+        # no epoch beat the initial weights: these are the numbers of an untrained model
+        "never_improved": result.best_epoch == 0, "initial_val_loss": round(result.initial_val_loss, 6),
         "val_loss": round(val["loss"], 6), "val_ppl": round(val["ppl"], 4),
         "val_accuracy": round(val["accuracy"], 6), "val_tokens": val["tokens"], "train_tokens": result.train_tokens,
         "tokens_per_s": round(result.tokens_per_s, 1), "train_wall_time_s": round(result.wall_time_s, 3),

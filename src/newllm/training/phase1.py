@@ -53,7 +53,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ from torch import Tensor
 from newllm.config import Phase1Config
 from newllm.models.cvfp import NewLLM
 from newllm.training.metrics import convergence_rate, effective_rank
-from newllm.training.trainer import autocast, resolve_device
+from newllm.training.trainer import autocast, check_finite, resolve_device
 
 FirstContext = Literal["zero", "wrap"]
 
@@ -248,7 +248,10 @@ def _sync(device: torch.device) -> None:
 def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: int = 0,
                  val_ids: Tensor | None = None,
                  on_iteration: Callable[[int, dict[str, float]], None] | None = None,
-                 device: str | torch.device = "auto", check_sequential: bool = True) -> Phase1Result:
+                 device: str | torch.device = "auto", check_sequential: bool = True,
+                 resume: dict[str, Any] | None = None,
+                 on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                 checkpoint_every_s: float = 60.0) -> Phase1Result:
     """Train model.context_block (+ the embedding's trainable parameters) in place, on `device` (the
     model is moved there); see the module doc.
 
@@ -258,6 +261,10 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     step_time_s (forward + backward + optimiser steps only). After training: val ER (one sequential pass
     over val_ids, same stream layout) and `sequential_cosine` (skipped, NaN, with check_sequential=False).
     `seed` seeds the input noise and the ER row subsampling; the weights are the caller's.
+
+    A non-finite loss or gradient norm raises Diverged in the step it appears. Resume: `on_checkpoint(state)`
+    gets the whole state after an iteration once `checkpoint_every_s` passed since the last save;
+    `resume=state` continues from it to the numbers of an uninterrupted run (CPU).
     """
     t_start = time.perf_counter()
     device = resolve_device(device)
@@ -274,23 +281,35 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     forward = parallel_iteration if cfg.mode == "parallel" else sequential_iteration
 
-    # iteration 0: the exact recurrence, no learning -> P^(0)
-    t0 = time.perf_counter()
-    P = P0 = sequential_pass(model, streams)[..., -1, :]  # (S, N, Dc)
-    er, er_pct = effective_rank_pct(P, cfg.er_max_rows, er_gen)
-    _sync(device)
-    history = [{"er": er, "er_pct": er_pct, "time_s": time.perf_counter() - t0}]
-    if on_iteration:
-        on_iteration(0, history[0])
+    if resume is None:  # iteration 0: the exact recurrence, no learning -> P^(0)
+        t0 = time.perf_counter()
+        P = P0 = sequential_pass(model, streams)[..., -1, :]  # (S, N, Dc)
+        er, er_pct = effective_rank_pct(P, cfg.er_max_rows, er_gen)
+        _sync(device)
+        history = [{"er": er, "er_pct": er_pct, "time_s": time.perf_counter() - t0}]
+        if on_iteration:
+            on_iteration(0, history[0])
+        conv, first = 0.0, 1
+    else:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        noise_gen.set_state(resume["noise_rng"])
+        er_gen.set_state(resume["er_rng"])
+        P, P0 = resume["P"].to(device), resume["P0"].to(device)
+        history, conv, first = resume["history"], resume["convergence_rate"], resume["iteration"] + 1
+    last_save, last_loss = time.monotonic(), math.nan
 
-    conv, converged = 0.0, False
-    for k in range(1, cfg.iterations):
+    converged = False
+    for k in range(first, cfg.iterations):
         t0 = time.perf_counter()
         target = (P0 if cfg.target == "fixed" else P).reshape(-1, Dc)
-        for _ in range(cfg.steps_per_iteration):  # each a fresh forward from the same P, fresh noise
+        for step in range(cfg.steps_per_iteration):  # each a fresh forward from the same P, fresh noise
             _, C = forward(model, streams, P, cfg.first_context, cfg.noise, noise_gen)
             losses = cvfp_losses(C, target, cfg.dist_reg_weight)
+            check_finite(losses[2].item(), f"iteration {k} step {step + 1}", last_loss)
             grad_norm = optimizer_step(opt, params, losses[2], cfg.grad_clip)
+            check_finite(grad_norm, f"iteration {k} step {step + 1} (gradient norm)", last_loss)
+            last_loss = losses[2].item()
         C = C.detach().reshape(S, N, Dc)
         _sync(device)
         metrics = iteration_metrics(losses, grad_norm, C, P, cfg, er_gen, step_time=time.perf_counter() - t0)
@@ -303,6 +322,11 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
         if k >= max(cfg.min_iterations, 2) and conv >= cfg.min_converged:
             converged = True
             break
+        if on_checkpoint is not None and time.monotonic() - last_save >= checkpoint_every_s:
+            on_checkpoint({"iteration": k, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "noise_rng": noise_gen.get_state(), "er_rng": er_gen.get_state(), "P": P, "P0": P0,
+                           "history": history, "convergence_rate": conv})
+            last_save = time.monotonic()
 
     # Final checks, all with the final weights: P was made by the weights before the last step, so one
     # more (no-grad, noiseless) Jacobi step from it is what the trained block's parallel pass gives.

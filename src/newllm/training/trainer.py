@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from newllm.errors import Diverged
 from newllm.registry import TrainConfig
 
 COSINE_MIN_LR = 1e-6  # the research's cosine annealing used eta_min 1e-6
@@ -166,10 +167,11 @@ def evaluate(model: nn.Module, ids: Tensor, seq_len: int | TrainConfig, batch_si
 # ----------------------------------------------------------------------------------------------- training
 @dataclass
 class TrainResult:
-    best_epoch: int  # 1-based; the epoch whose weights the model holds after train_lm
+    best_epoch: int  # 1-based; the epoch whose weights the model holds after train_lm (0: the initial ones)
     best_val_loss: float
     best_val_ppl: float
     best_val_accuracy: float
+    initial_val_loss: float  # of the weights before the first step
     history: list[dict[str, float]]  # one dict per epoch (see train_lm)
     epochs_run: int
     stopped_early: bool
@@ -204,12 +206,32 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+def check_finite(loss: float, where: str, last_finite: float) -> None:
+    """Divergence is a failure, not a result: a NaN/inf loss stops training at once (Diverged)."""
+    if not math.isfinite(loss):
+        last = f"last finite loss {last_finite:.4f}" if math.isfinite(last_finite) else "no finite loss before"
+        raise Diverged(f"loss became {loss} at {where} ({last}); lower the lr or set grad_clip")
+
+
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
+                                             if device.type == "cuda" else {})}
+
+
+def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainConfig, *, lr: float,
              extras_train: Mapping[str, Tensor] | None = None,
              extras_val: Mapping[str, Tensor] | None = None,
              device: str | torch.device = "auto", seed: int = 0, eval_batch_size: int | None = None,
              on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-             progress: bool = True) -> TrainResult:
+             progress: bool = True, resume: dict[str, Any] | None = None,
+             on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+             checkpoint_every_s: float = 60.0) -> TrainResult:
     """Train `model` on next-token prediction and keep the epoch with the best validation loss.
 
     Per epoch: one pass over the (prefix of the) train stream in windows of cfg.seq_len, then `evaluate`
@@ -217,14 +239,21 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
     val_ppl, val_accuracy, tokens_per_s (training steps only), lr (the epoch's), epoch_time_s (training
     + evaluation). `on_epoch(epoch, metrics)` is called after each epoch (1-based) for logging.
 
-    An epoch "improves" when val_loss < best - cfg.min_delta. Without improvement the plateau scheduler
-    multiplies lr by cfg.plateau_factor (at once, like the word_language_model example's `lr /= 4`), and
-    early stopping ends training after cfg.patience such epochs in a row (0 = never). The best epoch's
-    weights are kept in memory and loaded back into `model` at the end.
+    The initial weights are evaluated first (epoch 0); an epoch "improves" when val_loss < best - cfg.min_delta,
+    so a model that never beats its initial weights ends with best_epoch 0 and those weights. Without
+    improvement the plateau scheduler multiplies lr by cfg.plateau_factor (at once, like the word_language_model
+    example's `lr /= 4`), and early stopping ends training after cfg.patience such epochs in a row (0 = never).
+    The best epoch's weights are kept in memory and loaded back into `model` at the end. A non-finite train
+    or val loss raises Diverged in the step it appears.
+
+    Resume: `on_checkpoint(state)` gets the whole loop state at every epoch end and mid-epoch once
+    `checkpoint_every_s` passed since the last; `resume=state` continues from it, to the very numbers of an
+    uninterrupted run on CPU (weights, optimiser, RNG, carried model state, early-stopping state).
 
     `progress`: one line per epoch, plus a tqdm bar over the epoch's steps when stderr is a terminal (so
-    `dvc repro > log` gets clean lines). Seeded with `seed` (dropout, any sampling); the model's initial weights are the caller's (seed before
-    building it). On CPU two calls with equal inputs give identical histories.
+    `dvc repro > log` gets clean lines). Seeded with `seed` (dropout, any sampling); the model's initial
+    weights are the caller's (seed before building it). On CPU two calls with equal inputs give identical
+    histories.
     """
     device = resolve_device(device)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -236,79 +265,118 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
     train = batchify(train_ids, cfg.batch_size).to(device)
     ex_train = batchify_extras(extras_train, cfg.batch_size)  # stays on the host: it can be large
     eval_bs = eval_batch_size or cfg.batch_size
+    spans = list(windows(train.size(1), cfg.seq_len))
 
     opt = make_optimizer(model, cfg, lr)
-    lr0 = lr
-    best_loss, best_epoch, best_metrics = math.inf, 0, {}
-    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    history: list[dict[str, float]] = []
-    bad_epochs, stopped_early = 0, False
-    train_tokens, train_time, steps = 0, 0.0, 0
     t_start = time.perf_counter()
+    if resume is None:
+        initial = evaluate(model, val_ids, cfg.seq_len, eval_bs, extras=extras_val, device=device)
+        loop = {"epoch": 0, "step": 0, "lr": lr, "initial_val_loss": initial["loss"], "best_loss": initial["loss"],
+                "best_epoch": 0, "best_metrics": initial, "bad_epochs": 0, "history": [], "train_tokens": 0,
+                "train_time": 0.0, "steps": 0, "carry": None, "sum_loss": 0.0, "n_tok": 0,
+                "best_state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+    else:
+        loop = {k: v for k, v in resume.items() if k not in ("model", "optimizer", "rng")}
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        set_rng_state(resume["rng"], device)
+    lr0, history, stopped_early = lr, loop["history"], False
+    last_save, last_loss = time.monotonic(), math.nan
 
-    for epoch in range(cfg.epochs):
-        if cfg.scheduler == "cosine":
-            lr = cosine_lr(cfg, lr0, epoch)
+    def save(epoch: int, step: int, state: Any, sum_loss: Tensor, n_tok: int) -> None:
+        nonlocal last_save
+        if on_checkpoint is None:
+            return
+        on_checkpoint({**loop, "epoch": epoch, "step": step, "carry": state, "sum_loss": sum_loss.item(),
+                       "n_tok": n_tok, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                       "rng": rng_state(device)})
+        last_save = time.monotonic()
+
+    for epoch in range(loop["epoch"], cfg.epochs):
+        first = loop["step"] if epoch == loop["epoch"] else 0  # mid-epoch resume: skip the steps done
+        lr = cosine_lr(cfg, lr0, epoch) if cfg.scheduler == "cosine" else loop["lr"]
         _set_lr(opt, lr)
         t0 = time.perf_counter()
         model.train()
-        state = None  # every epoch starts from an empty state
-        sum_loss = torch.zeros((), dtype=torch.float64, device=device)
-        n_tok = 0
-        bar = tqdm(list(windows(train.size(1), cfg.seq_len)), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        # every epoch starts from an empty state (a mid-epoch resume from the saved one)
+        state = detach_state(_to(loop["carry"], device)) if first else None
+        sum_loss = torch.tensor(loop["sum_loss"] if first else 0.0, dtype=torch.float64, device=device)
+        n_tok = loop["n_tok"] if first else 0
+        bar = tqdm(spans[first:], desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=first, total=len(spans),
                    disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
-        for step, (i, t) in enumerate(bar):
+        for step, (i, t) in enumerate(bar, start=first):
             x, y = train[:, i:i + t], train[:, i + 1:i + 1 + t]
             with autocast(device):
                 logits, state = model(x, state, **{k: v[:, i:i + t].to(device, non_blocking=True)
                                                   for k, v in ex_train.items()})
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            value = loss.item()  # every step: a NaN must stop this step, not poison the run
+            check_finite(value, f"epoch {epoch + 1} step {step + 1}", last_loss)
+            last_loss = value
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            steps += 1
+            loop["steps"] += 1
             state = detach_state(state)
             sum_loss += loss.detach() * y.numel()
             n_tok += y.numel()
-            if progress and step % 50 == 0:  # .item() syncs the GPU: not every step
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+            if progress and step % 50 == 0:
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
+            if step + 1 < len(spans) and time.monotonic() - last_save >= checkpoint_every_s:
+                loop["lr"] = lr
+                save(epoch, step + 1, state, sum_loss, n_tok)
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_train = time.perf_counter() - t0
-        train_time += t_train
-        train_tokens += n_tok
+        loop["train_time"] += t_train
+        loop["train_tokens"] += n_tok
 
         val = evaluate(model, val_ids, cfg.seq_len, eval_bs, extras=extras_val, device=device)
+        check_finite(val["loss"], f"epoch {epoch + 1}'s validation", last_loss)
         metrics = {"train_loss": sum_loss.item() / n_tok, "val_loss": val["loss"], "val_ppl": val["ppl"],
                    "val_accuracy": val["accuracy"], "tokens_per_s": n_tok / max(t_train, 1e-9), "lr": lr,
                    "epoch_time_s": time.perf_counter() - t0}
         history.append(metrics)
 
-        if val["loss"] < best_loss - cfg.min_delta:
-            best_loss, best_epoch, best_metrics, bad_epochs = val["loss"], epoch + 1, val, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if val["loss"] < loop["best_loss"] - cfg.min_delta:
+            loop.update(best_loss=val["loss"], best_epoch=epoch + 1, best_metrics=val, bad_epochs=0,
+                        best_state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
         else:
-            bad_epochs += 1
+            loop["bad_epochs"] += 1
             if cfg.scheduler == "plateau":
                 lr *= cfg.plateau_factor
+        loop["lr"] = lr
         if on_epoch is not None:
             on_epoch(epoch + 1, dict(metrics))
         if progress:
             tqdm.write(f"epoch {epoch + 1}: train {metrics['train_loss']:.4f}  val {val['loss']:.4f}  "
                        f"ppl {val['ppl']:.2f}  acc {val['accuracy']:.4f}  lr {metrics['lr']:.3g}  "
                        f"{metrics['tokens_per_s']:.0f} tok/s  {metrics['epoch_time_s']:.1f}s")
-        if cfg.patience and bad_epochs >= cfg.patience:
+        if cfg.patience and loop["bad_epochs"] >= cfg.patience:
             stopped_early = epoch + 1 < cfg.epochs
             break
+        save(epoch + 1, 0, None, sum_loss.zero_(), 0)
 
+    best_state, best_metrics = loop["best_state"], loop["best_metrics"]
     model.load_state_dict(best_state)
     return TrainResult(
-        best_epoch=best_epoch, best_val_loss=best_loss,
-        best_val_ppl=best_metrics.get("ppl", math.inf), best_val_accuracy=best_metrics.get("accuracy", 0.0),
+        best_epoch=loop["best_epoch"], best_val_loss=loop["best_loss"], best_val_ppl=best_metrics["ppl"],
+        best_val_accuracy=best_metrics["accuracy"], initial_val_loss=loop["initial_val_loss"],
         history=history, epochs_run=len(history), stopped_early=stopped_early,
-        wall_time_s=time.perf_counter() - t_start, train_tokens=train_tokens, steps=steps,
-        tokens_per_s=train_tokens / max(train_time, 1e-9), device=str(device),
+        wall_time_s=time.perf_counter() - t_start, train_tokens=loop["train_tokens"], steps=loop["steps"],
+        tokens_per_s=loop["train_tokens"] / max(loop["train_time"], 1e-9), device=str(device),
         best_state=best_state)
+
+
+def _to(state: Any, device: torch.device) -> Any:
+    """A carried model state (tensor, tuple, dict or None) moved to `device`."""
+    if isinstance(state, Tensor):
+        return state.to(device)
+    if isinstance(state, (tuple, list)):
+        return type(state)(_to(s, device) for s in state)
+    if isinstance(state, dict):
+        return {k: _to(v, device) for k, v in state.items()}
+    return state

@@ -1,0 +1,16 @@
+"""DVC stage `validate` (always_changed): the whole of params.yaml is checked on every `dvc repro`, even one
+where no other stage would rerun. An unknown key anywhere, an unregistered model in `baselines`, a dataset
+file or folder that is not there, an empty list: one line naming the key, before any stage computes or opens
+an MLflow run. Its output never changes, so it reruns nothing downstream."""
+
+from pathlib import Path
+
+from newllm.pipeline import load_params_or_exit
+
+OUT = Path("data/params_ok")
+
+if __name__ == "__main__":
+    OUT.unlink(missing_ok=True)  # only a run that passes leaves it
+    load_params_or_exit()
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("params.yaml is valid\n")  # the same bytes every time: downstream stays cached
