@@ -29,5 +29,11 @@ def main(params, run) -> None:
           f"{stats['tokens']} words, {stats['distinct_words']} distinct")
 
 
+def precheck(params) -> None:
+    from newllm.data.corpora import check_files
+
+    check_files(params.dataset)
+
+
 if __name__ == "__main__":
-    run_stage("generate_dataset", main)
+    run_stage("generate_dataset", main, precheck)

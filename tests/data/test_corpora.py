@@ -54,8 +54,22 @@ def _text(tmp_path: Path, data: bytes) -> object:
     (b"one\ntwo\n", r"dataset.path .*corpus.txt: only 2 non-empty lines, too few to split"),
 ], ids=["latin-1", "binary", "control-chars", "empty", "too-few-lines"])
 def test_bad_text_is_refused_naming_the_file(tmp_path: Path, data: bytes, message: str):
+    from newllm.data.corpora import check_files
+
+    cfg = _text(tmp_path, data)
     with pytest.raises(DataError, match=message):
-        load_splits(_text(tmp_path, data), seed=0)
+        check_files(cfg)  # the stage's precheck, before its MLflow run opens
+    with pytest.raises(DataError, match=message):
+        load_splits(cfg, seed=0)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+def test_the_real_corpora_pass_the_checks():
+    from newllm.data.corpora import check_files, count_lines
+
+    for f in SHARED_DATA.rglob("*.txt"):
+        assert count_lines(f, "corpus") > 0
+    check_files(section("dataset", source="wikitext2", wikitext_dir=str(WIKITEXT)))
 
 
 def test_invalid_utf8_offset_is_exact_across_read_blocks(tmp_path: Path, monkeypatch):

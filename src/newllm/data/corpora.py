@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +36,18 @@ def _clean(lines: list[str]) -> list[str]:
     return [s for s in (line.strip() for line in lines) if s]
 
 
-def _split_block(lines: list[str], val_fraction: float, test_fraction: float, source: str = "the dataset") -> Splits:
-    n = len(lines)
+def _split_sizes(n: int, val_fraction: float, test_fraction: float, source: str) -> tuple[int, int]:
+    """(train, val) line counts of a block split of n lines (test takes the rest)."""
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
     n_train = n - n_val - n_test
     if n_train < 1 or n_val < 1:
         raise DataError(f"{source}: only {n} non-empty lines, too few to split into train and val "
                         f"(val_fraction {val_fraction} of them must round to at least 1)")
+    return n_train, n_val
+
+
+def _split_block(lines: list[str], val_fraction: float, test_fraction: float, source: str = "the dataset") -> Splits:
+    n_train, n_val = _split_sizes(len(lines), val_fraction, test_fraction, source)
     return Splits(lines[:n_train], lines[n_train:n_train + n_val], lines[n_train + n_val:])
 
 
@@ -62,16 +68,12 @@ def _cut(line: str) -> tuple[str, str]:
     return line[:at], line[at:]
 
 
-def read_lines(path: str | os.PathLike, keep: bool = True) -> list[str]:
-    """A UTF-8 text file -> its stripped non-empty lines, read block by block. Refused with the file's name:
-    invalid UTF-8 (with the byte offset of the first bad sequence), NUL bytes or over 1 % control
-    characters (binary content). Lines over MAX_LINE characters are split at whitespace, said in one line.
-    `keep` False: only check the file (returns [])."""
+def _stream(path: str | os.PathLike, notice: bool) -> Iterator[str]:
+    """The stripped non-empty lines of a UTF-8 text file, read block by block (see read_lines)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"file not found: {p}")
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    lines: list[str] = []
     pending, offset, chars, controls, split = "", 0, 0, 0, 0
     with p.open("rb") as f:
         while True:
@@ -101,17 +103,30 @@ def read_lines(path: str | os.PathLike, keep: bool = True) -> list[str]:
                 head, pending = _cut(pending)
                 short.append(head)
                 split += 1
-            if keep:
-                lines.extend(_clean(short))
+            yield from _clean(short)
             if not block:
                 break
     if chars and controls / chars > MAX_CONTROL_SHARE:
         raise DataError(f"{p}: {controls / chars:.1%} of its characters are control characters: binary content, "
                         "not a text file")
-    if split:
+    if split and notice:
         print(f"dataset: {p}: {split} line(s) longer than {MAX_LINE:,} characters split at whitespace",
               file=sys.stderr)
-    return lines
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """A UTF-8 text file -> its stripped non-empty lines, read block by block. Refused with the file's name:
+    invalid UTF-8 (with the byte offset of the first bad sequence), NUL bytes or over 1 % control
+    characters (binary content). Lines over MAX_LINE characters are split at whitespace, said in one line."""
+    return list(_stream(path, notice=True))
+
+
+def count_lines(path: str | os.PathLike, what: str) -> int:
+    """read_lines' checks and its line count, holding no line (check_files); none is an error."""
+    n = sum(1 for _ in _stream(path, notice=False))
+    if not n:
+        raise DataError(f"{what} {Path(path).expanduser()}: no non-empty lines")
+    return n
 
 
 def _read(path: str | os.PathLike, what: str) -> list[str]:
@@ -152,6 +167,22 @@ def _cap(lines: list[str], max_samples: int) -> list[str]:
     return lines[:max_samples] if max_samples else lines
 
 
+def check_files(cfg: DatasetConfig) -> None:
+    """Refuse bad text files (read_lines' checks, too few lines) before any compute or MLflow run; each file
+    is streamed once and no line is kept."""
+    if cfg.source == "text" and cfg.path:
+        n = count_lines(cfg.path, "dataset.path")
+        _split_sizes(min(n, cfg.max_samples or n), cfg.val_fraction, cfg.test_fraction,
+                     f"dataset.path {Path(cfg.path).expanduser()}")
+    elif cfg.source == "text":
+        for key in ("train_path", "val_path", "test_path"):
+            if getattr(cfg, key):
+                count_lines(getattr(cfg, key), f"dataset.{key}")
+    if cfg.source == "wikitext2" and cfg.wikitext_dir:
+        for name in ("train.txt", "valid.txt", "test.txt"):
+            count_lines(Path(cfg.wikitext_dir).expanduser() / name, "dataset.wikitext_dir")
+
+
 def load_splits(cfg: DatasetConfig, seed: int) -> Splits:
     if cfg.source == "template":
         sentences = generator.generate(cfg.num_sentences, seed)
@@ -180,8 +211,6 @@ def load_splits(cfg: DatasetConfig, seed: int) -> Splits:
             missing = [str(p) for p in files.values() if not p.is_file()]
             if missing:
                 raise DataError(f"dataset.wikitext_dir: missing {', '.join(missing)}. {how_to}")
-            for path in files.values():  # refuse bad text before HF's reader sees it
-                read_lines(path, keep=False)
             import datasets
 
             ds = datasets.load_dataset("text", data_files={k: str(v) for k, v in files.items()})
