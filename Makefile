@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 # Stage commands say `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test lint ui sync clean
+.PHONY: install run test lint ui sync faults clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -38,6 +38,9 @@ ui: $(STAMP)
 
 sync: $(STAMP)
 	$(BIN)/newllm sync
+
+faults: $(STAMP)  # the fault suite on a scratch copy of the pipeline, as a table (a few minutes)
+	$(BIN)/python benchmarks/faults.py
 
 clean:
 	rm -rf data/dataset data/tokens data/checkpoints dvc_plots

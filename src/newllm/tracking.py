@@ -335,8 +335,10 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
 
 
 def _position(trainer_state: dict[str, Any]) -> str:
-    pos = [f"{k} {trainer_state[k]}" for k in ("epoch", "step", "iteration") if k in trainer_state]
-    return ", ".join(pos) + " done" if pos else "saved state"
+    """Where a resume picks up, in words: "5 epochs and 12 steps done", "iteration 3 done"."""
+    if "iteration" in trainer_state:
+        return f"iteration {trainer_state['iteration']} done"
+    return f"{trainer_state.get('epoch', 0)} epochs and {trainer_state.get('step', 0)} steps done"
 
 
 def _final_metrics(metrics: dict[str, Any]) -> list[Any]:

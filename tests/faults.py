@@ -1,0 +1,357 @@
+"""The fault suite: every fault a user meets, tried for real on a scratch copy of the pipeline (tiny params,
+its own git + DVC repo and MLflow store), each giving one row of the table `benchmarks/faults.py` prints:
+what happened, seconds to fail or recover, outputs left for DVC to cache (0 for a failure), MLflow runs left
+RUNNING (0), and, for a resume, whether metrics and checkpoint bytes equal the uninterrupted run's.
+
+`base_project(dir)` builds and runs the scratch pipeline once; each fault works on its own copy of it.
+tests/test_faults.py asserts every row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from helpers import env, make_project, merge, run
+
+# Phase 2, the Phase 1 controls and one baseline, one lr, two seeds; the LSTM trains long enough to kill.
+BASE = {"baselines": ["lstm"], "lstm": {"epochs": 60, "patience": 0}}
+KILL_STAGE, KILL_RECORD = "baseline_sweep@lstm-0.01", "sweep/lstm/lr0.01"
+TIMING = re.compile(r"time|_s$|per_s|tokens_per")
+
+
+@dataclass
+class Row:
+    fault: str
+    happened: str  # the one line the user sees, or what was checked
+    seconds: float  # to fail (a refusal) or to recover (a resume)
+    cached: int  # outputs of the failed stage left on disk or recorded in dvc.lock
+    running: int  # MLflow runs left RUNNING
+    identical: str = "-"  # resume: metrics and checkpoint md5 equal the uninterrupted run's
+    ok: bool = True  # the behaviour the fault must give (tests assert it)
+
+
+# ----------------------------------------------------------------------------------------------- scratch
+def base_project(root: Path) -> Path:
+    """The scratch pipeline, reproduced and committed (so `dvc exp run --queue` has a baseline)."""
+    proj = make_project(root / "base", BASE)
+    run(["dvc", "repro"], proj, timeout=1200)
+    run(["git", "add", "-A"], proj)
+    run(["git", "commit", "-qm", "reproduced"], proj)
+    return proj
+
+
+def copy_of(base: Path, root: Path, name: str) -> Path:
+    dest = root / name
+    shutil.copytree(base, dest, symlinks=True)
+    return dest
+
+
+def set_params(proj: Path, overrides: dict) -> None:
+    path = proj / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
+
+
+def runs(proj: Path) -> list[tuple[str, str, str]]:
+    """(run id, status, name) of every run in the scratch store (read straight from its sqlite file)."""
+    db = proj / "mlflow.db"
+    if not db.is_file():
+        return []
+    with sqlite3.connect(db) as con:
+        return con.execute("select run_uuid, status, name from runs").fetchall()
+
+
+def tag(proj: Path, run_id: str, key: str) -> str | None:
+    with sqlite3.connect(proj / "mlflow.db") as con:
+        row = con.execute("select value from tags where run_uuid = ? and key = ?", (run_id, key)).fetchone()
+    return row[0] if row else None
+
+
+def running(proj: Path) -> int:
+    return sum(status == "RUNNING" for _, status, _ in runs(proj))
+
+
+def lock_entry(proj: Path, stage: str) -> dict | None:
+    lock = proj / "dvc.lock"
+    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage) if lock.is_file() else None
+
+
+def outs_of(proj: Path, stage: str) -> list[Path]:
+    """The stage's declared outputs, read from dvc.yaml as DVC resolves it (params not validated)."""
+    from newllm import dag
+
+    try:
+        stages = dag.load_stages(yaml.safe_load((proj / "params.yaml").read_text()), proj)
+    except Exception:
+        return []
+    found = [s for s in stages.values() if s.name == stage]
+    return [proj / p for p in found[0].outs] if found else []
+
+
+def left_cached(proj: Path, stage: str | None, lock_before: dict | None) -> int:
+    """What a failure of `stage` left for DVC: its outputs on disk, plus a changed dvc.lock entry."""
+    if stage is None:
+        return 0
+    return sum(p.exists() for p in outs_of(proj, stage)) + int(lock_entry(proj, stage) != lock_before)
+
+
+def dvc(proj: Path, *args: str, extra_env: dict | None = None, timeout: int = 600) -> tuple[int, str, float]:
+    """Run dvc in the scratch project -> (exit code, stdout + stderr, seconds)."""
+    t0 = time.perf_counter()
+    res = run(["dvc", *args], proj, check=False, timeout=timeout, extra_env=extra_env)
+    return res.returncode, res.stdout + res.stderr, time.perf_counter() - t0
+
+
+def error_line(output: str) -> str:
+    lines = [ln for ln in output.splitlines() if ln.startswith("error: ")]
+    return lines[0] if lines else next((ln for ln in output.splitlines() if "ERROR" in ln), "(no error line)")
+
+
+def failed_stage(output: str) -> str | None:
+    m = re.search(r"failed to reproduce '([^']+)'", output)
+    return m.group(1) if m else None
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def no_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not TIMING.search(k)}
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+def refusal(name: str, proj: Path, expect: str, args: tuple[str, ...] = ("repro",),
+            extra_env: dict | None = None, may_open_run: bool = False) -> Row:
+    """A bad input: `dvc <args>` must fail with one line matching `expect`, leaving nothing cached and no
+    run RUNNING; unless `may_open_run`, before any MLflow run is created."""
+    before_runs = {r[0] for r in runs(proj)}
+    locks = {stage: lock_entry(proj, stage) for stage in (yaml.safe_load((proj / "dvc.lock").read_text())
+                                                           or {}).get("stages", {})}
+    rc, out, seconds = dvc(proj, *args, extra_env=extra_env)
+    stage = failed_stage(out)
+    line = error_line(out)
+    cached = left_cached(proj, stage, locks.get(stage or ""))
+    new = [r for r in runs(proj) if r[0] not in before_runs]
+    ok = (rc != 0 and re.search(expect, line) is not None and cached == 0 and running(proj) == 0
+          and (may_open_run or not new))
+    return Row(name, f"exit {rc}: {line[:150]}" + (f" [{len(new)} run(s) opened]" if new else ""), seconds, cached,
+               running(proj), ok=ok)
+
+
+def bad_param(name: str, overrides: dict, expect: str) -> Callable[[Path, Path], Row]:
+    def fault(base: Path, root: Path) -> Row:
+        proj = copy_of(base, root, re.sub(r"\W+", "_", name))
+        set_params(proj, overrides(proj) if callable(overrides) else overrides)
+        return refusal(f"bad param: {name}", proj, expect)
+    return fault
+
+
+def bad_file(name: str, data: bytes, expect: str) -> Callable[[Path, Path], Row]:
+    def fault(base: Path, root: Path) -> Row:
+        proj = copy_of(base, root, re.sub(r"\W+", "_", name))
+        corpus = root / f"{proj.name}.txt"
+        corpus.write_bytes(data)
+        set_params(proj, {"dataset": {"source": "text", "path": str(corpus)}})
+        return refusal(f"bad file: {name}", proj, expect)  # refused by generate_dataset's precheck
+    return fault
+
+
+def wikitext_without_valid(proj: Path) -> dict:
+    folder = proj.parent / "wikitext-no-valid"
+    folder.mkdir(exist_ok=True)
+    for split in ("train", "test"):
+        (folder / f"{split}.txt").write_text("a line of text\n" * 50)
+    return {"dataset": {"source": "wikitext2", "wikitext_dir": str(folder)}}
+
+
+def long_line(base: Path, root: Path) -> Row:
+    """A 5 MB single line: accepted, split at whitespace while streaming, never held whole."""
+    proj = copy_of(base, root, "long_line")
+    corpus = root / "long_line.txt"
+    corpus.write_text(" ".join(f"word{i % 997}" for i in range(600_000)) + "\n" + "a short line\n" * 20)
+    set_params(proj, {"dataset": {"source": "text", "path": str(corpus)}})
+    rc, out, seconds = dvc(proj, "repro", "generate_dataset")
+    notice = next((ln for ln in out.splitlines() if "split at whitespace" in ln), "(no notice)")
+    lines = sum(1 for _ in (proj / "data/dataset/train.txt").open()) if rc == 0 else 0
+    return Row("bad file: 5 MB single line", f"exit {rc}: {notice.strip()[:110]}; {lines} train lines", seconds,
+               0, running(proj), ok=rc == 0 and "split at whitespace" in notice and lines > 40)
+
+
+# ----------------------------------------------------------------------------------------------- faults
+def nan(base: Path, root: Path) -> Row:
+    proj = copy_of(base, root, "nan")
+    set_params(proj, {"train": {"optimizer": "sgd", "grad_clip": 0.0}, "protocol": {"lrs": [1e38]}})
+    row = refusal("NaN/inf loss (sgd, lr 1e38)", proj, r"loss became (nan|inf) at epoch \d+ step \d+",
+                  may_open_run=True)
+    failed = [r for r in runs(proj) if r[1] == "FAILED"]
+    reason = tag(proj, failed[-1][0], "newllm.end_reason") if failed else None
+    row.ok = row.ok and len(failed) == 1 and reason is not None and "loss became" in reason
+    row.happened += f"; run FAILED, tag newllm.end_reason set: {reason is not None}"
+    return row
+
+
+def _python_pid(proj: Path, since: set[str], timeout: float = 120) -> tuple[str, int]:
+    """The run id and pid of the training process a dvc command just started (its run's newllm.pid tag)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            new = [r for r in runs(proj) if r[0] not in since]
+            if new and (pid := tag(proj, new[0][0], "newllm.pid")):
+                return new[0][0], int(pid)
+        except sqlite3.OperationalError:  # the stage is writing: ask again
+            pass
+        time.sleep(0.05)
+    raise TimeoutError("the training stage never opened its MLflow run")
+
+
+def _stop_mid_training(proj: Path, sig: signal.Signals) -> tuple[str, int, str]:
+    """`dvc repro -f -s` the LSTM cell, send `sig` to its python process once it has saved a resume
+    checkpoint a few epochs in -> (run id, dvc's exit code, its output)."""
+    resume = proj / f"data/resume/{KILL_RECORD}.pt"
+    before = {r[0] for r in runs(proj)}
+    proc = subprocess.Popen(["dvc", "repro", "-f", "-s", KILL_STAGE], cwd=proj, env={**env(), "NEWLLM_RESUME_EVERY_S": "0"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_id, pid = _python_pid(proj, before)
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not _saved_epoch(proj, run_id) >= 5:
+        time.sleep(0.02)
+    os.kill(pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    assert resume.is_file(), "no resume checkpoint was saved before the kill"
+    return run_id, proc.returncode, out
+
+
+def _saved_epoch(proj: Path, run_id: str) -> int:
+    try:
+        with sqlite3.connect(proj / "mlflow.db", timeout=5) as con:
+            row = con.execute("select max(step) from metrics where run_uuid = ? and key = 'val_loss'",
+                              (run_id,)).fetchone()
+    except sqlite3.OperationalError:  # the stage is writing: ask again
+        return 0
+    return row[0] or 0
+
+
+def kill9_resume(base: Path, root: Path) -> Row:
+    """kill -9 mid-training, then the same command again: it resumes the same MLflow run and ends with the
+    uninterrupted run's metrics and checkpoint bytes (the base project's own run of this cell)."""
+    proj = copy_of(base, root, "kill9")
+    metrics, ckpt = proj / f"reports/metrics/{KILL_RECORD}.json", proj / f"data/checkpoints/{KILL_RECORD}.pt"
+    want_metrics, want_md5 = no_timing(json.loads(metrics.read_text())), md5(ckpt)
+    run_id, _, _ = _stop_mid_training(proj, signal.SIGKILL)
+    killed_at = _saved_epoch(proj, run_id)
+    rc, out, seconds = dvc(proj, "repro", "-f", "-s", KILL_STAGE)
+    resumed = next((ln for ln in out.splitlines() if "resuming from" in ln), "(did not resume)")
+    same = rc == 0 and no_timing(json.loads(metrics.read_text())) == want_metrics and md5(ckpt) == want_md5
+    status = {r[0]: r[1] for r in runs(proj)}.get(run_id)
+    with sqlite3.connect(proj / "mlflow.db") as con:
+        steps = sorted({s for (s,) in con.execute(
+            "select step from metrics where run_uuid = ? and key = 'val_loss'", (run_id,))})
+    epochs = json.loads(metrics.read_text())["epochs_run"] if rc == 0 else -1
+    continuous = steps == list(range(1, epochs + 1))
+    happened = (f"killed at epoch {killed_at}; {resumed.split(': ', 1)[-1][:80]}; run {status}, "
+                f"val_loss curve steps 1..{steps[-1] if steps else 0} continuous: {continuous}")
+    return Row("kill -9 mid-training, then rerun", happened, seconds, 0, running(proj), "yes" if same else "no",
+               ok=same and status == "FINISHED" and continuous and "resuming from" in resumed)
+
+
+def sigterm(base: Path, root: Path) -> Row:
+    proj = copy_of(base, root, "sigterm")
+    t0 = time.perf_counter()
+    run_id, rc, out = _stop_mid_training(proj, signal.SIGTERM)
+    line = error_line(out)
+    status = {r[0]: r[1] for r in runs(proj)}.get(run_id)
+    outs = sum(p.exists() for p in outs_of(proj, KILL_STAGE))
+    ok = "stopped by SIGTERM" in line and "resumes from" in line and status == "KILLED" and outs == 0
+    return Row("SIGTERM mid-training", f"{line[:150]}; run {status}", time.perf_counter() - t0, outs,
+               running(proj), ok=ok)
+
+
+def mlflow_down(base: Path, root: Path) -> Row:
+    proj = copy_of(base, root, "mlflow_down")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    return refusal("MLflow server down", proj, r"unreachable", args=("repro", "-f", "-s", "tokenize"),
+                   extra_env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+
+
+def corrupt_checkpoint(base: Path, root: Path) -> Row:
+    proj = copy_of(base, root, "corrupt")
+    (proj / "data/checkpoints/phase1/seed0.pt").write_bytes(b"not a checkpoint" * 100)
+    return refusal("corrupt Phase 1 checkpoint", proj, r"damaged checkpoint data/checkpoints/phase1/seed0.pt",
+                   args=("repro", "-f", "-s", "phase2_sweep@0.01"), may_open_run=True)
+
+
+def taken_port(base: Path, root: Path) -> Row:
+    proj = copy_of(base, root, "ui_port")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        t0 = time.perf_counter()
+        res = run(["newllm", "ui", "--port", str(port)], proj, check=False, timeout=60)
+    line = (res.stderr.strip().splitlines() or ["(nothing)"])[-1]
+    return Row("`newllm ui` on a taken port", f"exit {res.returncode}: {line[:150]}", time.perf_counter() - t0, 0,
+               running(proj), ok=res.returncode == 1 and f"port {port}" in line and "\n" not in res.stderr.strip())
+
+
+def queue_two_workers(base: Path, root: Path) -> Row:
+    """Two queued experiments run by two workers at once: both land in the one store, none left RUNNING."""
+    proj = copy_of(base, root, "queue")
+    t0 = time.perf_counter()
+    for n in (6, 7):
+        run(["dvc", "exp", "run", "--queue", "-n", f"tokens{n}", "-S", f"report.max_new_tokens={n}"], proj)
+    run(["dvc", "queue", "start", "-j", "2"], proj)
+    end = time.monotonic() + 600
+    status = ""
+    while time.monotonic() < end:
+        status = run(["dvc", "queue", "status"], proj, check=False).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    seconds = time.perf_counter() - t0
+    landed = {name.split(":")[-1] for _, st, name in runs(proj) if name.startswith("report:") and st == "FINISHED"}
+    ok = status.count("Success") == 2 and {"tokens6", "tokens7"} <= landed and running(proj) == 0
+    return Row("`dvc queue start -j 2` (2 experiments)", f"{status.count('Success')} of 2 succeeded; report runs "
+               f"FINISHED in the one store: {sorted(landed & {'tokens6', 'tokens7'})}", seconds, 0, running(proj),
+               ok=ok)
+
+
+FAULTS: dict[str, Callable[[Path, Path], Row]] = {
+    "nan": nan,
+    "kill9": kill9_resume,
+    "sigterm": sigterm,
+    "unknown-key": bad_param("unknown key foo: 1", {"foo": 1}, r"params.yaml: unknown key 'foo'"),
+    "nested-unknown-key": bad_param("unknown key phase1.foo", {"phase1": {"foo": 1}}, r"phase1.*foo"),
+    "unregistered-model": bad_param("baselines: [lstm, gru]", {"baselines": ["lstm", "gru"]},
+                                    r"baselines\[1\] must be one of"),
+    "bad-value": bad_param("context_dim: -5", {"context_dim": -5}, r"context_dim"),
+    "missing-split": bad_param("wikitext2 folder without valid.txt", wikitext_without_valid, r"has no valid.txt"),
+    "empty-prompts": bad_param("report.prompts: []", {"report": {"prompts": []}}, r"report.prompts is empty"),
+    "eval-batch": bad_param("eval_batch_size: 100000", {"eval_batch_size": 100000},
+                            r"eval_batch_size \(100000\) is too large"),
+    "lrs-string": bad_param("protocol.lrs: fast (DVC's own error)", {"protocol": {"lrs": "fast"}}, r"ERROR"),
+    "invalid-utf8": bad_file("invalid UTF-8", b"good line\n" * 30 + b"caf\xe9\n" + b"more\n" * 10,
+                             r"invalid UTF-8 at byte 303"),
+    "binary": bad_file("a copy of /bin/ls", Path("/bin/ls").read_bytes() if Path("/bin/ls").is_file() else b"\0",
+                       r"binary content"),
+    "empty-file": bad_file("empty file", b"", r"no non-empty lines"),
+    "too-few-lines": bad_file("2-line file", b"one\ntwo\n", r"only 2 non-empty lines"),
+    "long-line": long_line,
+    "mlflow-down": mlflow_down,
+    "corrupt-checkpoint": corrupt_checkpoint,
+    "taken-port": taken_port,
+    "queue": queue_two_workers,
+}

@@ -1,0 +1,23 @@
+"""One test per fault of the fault suite (tests/faults.py), each on its own copy of one reproduced scratch
+pipeline: a refusal fails with one line and leaves nothing cached and no run RUNNING; kill -9 resumes to
+identical metrics and checkpoint bytes. `benchmarks/faults.py` prints the same rows as a table."""
+
+from pathlib import Path
+
+import pytest
+from faults import FAULTS, base_project
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return base_project(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_fault(fault: str, base: Path, tmp_path: Path):
+    row = FAULTS[fault](base, tmp_path)
+    assert row.ok, row
+    assert row.cached == 0 and row.running == 0, row
+    if fault == "lrs-string":  # DVC refuses it while expanding the matrix, before any of our code runs
+        assert "fast" in row.happened
