@@ -37,6 +37,7 @@ def main(params, run) -> None:
     from newllm.training.phase1 import train_phase1
 
     cache = load_cache()
+    run.log_dataset(cache, params.dataset.source)
     seed = seed_of(params)
     torch.manual_seed(seed)
     model = NewLLM.from_config(params, cache.vocab_size)

@@ -52,6 +52,7 @@ def main(params, run, cell) -> None:
     from newllm.training.trainer import resolve_device
 
     cache = load_cache()
+    run.log_dataset(cache, params.dataset.source)
     with_phase1 = factory.spec(NAME).trains == "cvfp"
     if with_phase1:
         phase1 = stages(params)[phase1_record(cell.seed)].outs[0]  # the ContextBlock of this seed

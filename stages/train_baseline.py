@@ -27,6 +27,7 @@ def main(params, run, cell) -> None:
     from newllm.training.lm_stage import fit_lm
 
     cache = load_cache()
+    run.log_dataset(cache, params.dataset.source)
     spec = factory.spec(NAME)
     cfg = getattr(params, spec.section)
     cls = factory.model_class(NAME)
@@ -39,6 +40,9 @@ def main(params, run, cell) -> None:
             except ValueError as e:
                 raise PipelineError(f"{e}; set protocol.match_params: false") from None
             cfg = dataclasses.replace(cfg, **matched)
+        # re-sized with New-LLM: an ablation of New-LLM's size retrains this baseline at the new size
+        run.log_tags({"newllm.matched_to": f"New-LLM's {target:,} params under {run.changed}: "
+                      + ", ".join(f"{k}={v}" for k, v in matched.items()) if matched else "unmatched"})
     # a control of New-LLM is New-LLM's network (its top-level params), trained with this section's knobs
     arch = {k: getattr(params, k) for k in NEWLLM_KEYS} if spec.arch == "newllm" else cfg
     torch.manual_seed(cell.seed)

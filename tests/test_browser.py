@@ -12,6 +12,7 @@ import pytest
 from helpers import REPO
 from test_mlflow_server import api, mlflow_server, two_run_store
 
+from newllm import cli
 from newllm.report.browser import find_chromium, render_page
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no Chromium binary found (Debian: "
@@ -25,9 +26,10 @@ def test_mlflow_runs_page_renders_both_runs(tmp_path: Path):
     with mlflow_server(uri, tmp_path) as base:
         exp_id = api(base, "experiments/get-by-name", {"experiment_name": "t"})["experiment"]["experiment_id"]
         shot = tmp_path / "mlflow_runs.png"
-        dom = render_page(f"{base}/#/experiments/{exp_id}/runs", screenshot=shot, budget_ms=15000)
-    for exp_name in run_ids:
-        assert f"sweep/phase2_train/lr0.001:{exp_name}" in dom, dom[-2000:]
+        dom = render_page(cli.runs_url(base, exp_id), screenshot=shot, budget_ms=15000)  # what `make ui` prints
+    assert "Runs" in dom and "Welcome" not in dom  # the runs table, not MLflow's GenAI home
+    for label in ("context_dim=16", "context_dim=32"):  # one parent run per experiment, named by its change
+        assert label in dom, dom[-2000:]
     png = shot.read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 20_000  # a rendered page, not a blank one
     if os.environ.get("NEWLLM_SAVE_SCREENSHOTS") == "1":

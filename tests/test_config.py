@@ -115,7 +115,8 @@ def test_stage_params_and_outs_come_from_dvc_yaml():
     p = default_params()
     declared = stages(p)
     cell = declared["sweep/lstm/lr0.001"]
-    assert cell.name == "baseline_sweep@lstm-0.001" and cell.outs == ("data/checkpoints/sweep/lstm/lr0.001.pt",)
+    assert cell.name == "baseline_sweep@lstm-0.001" and cell.outs == ("data/checkpoints/sweep/lstm/lr0.001.pt",
+                                                                      "reports/timing/sweep/lstm/lr0.001.json")
     assert cell.params == ("seed", "device", "eval_batch_size", "train", "lstm")
     assert declared["seeds/lstm/seed1"].name == "baseline_seeds@lstm-1"
     assert "data/lr/lstm.json" in declared["seeds/lstm/seed1"].deps

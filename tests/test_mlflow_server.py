@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import VENV_BIN, default_params, env, use_project_dvc_yaml
+from helpers import VENV_BIN, default_params, env, use_project_dvc_yaml, write_params
 
 from newllm import tracking
 
@@ -52,8 +52,13 @@ CELL = "sweep/phase2_train/lr0.001"  # one sweep cell of New-LLM (dvc.yaml)
 
 def two_run_store(root: Path) -> tuple[str, dict[str, str]]:
     """A SQLite store under `root` holding two FINISHED runs of one New-LLM sweep cell written by tracking.stage_run,
-    one per experiment of CONTEXT_DIMS, each with a 3-point `val_loss` history; returns (uri, exp -> run id)."""
+    one per experiment of CONTEXT_DIMS, each with a 3-point `val_loss` history and nested under its experiment's
+    parent run (named `context_dim=<n>` against the default params.yaml, committed in `root`); returns (uri,
+    exp -> run id)."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    write_params(root / "params.yaml", tracking={"uri": uri, "experiment": "t"})
+    for cmd in (["init", "-q"], ["add", "params.yaml"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "p"]):
+        subprocess.run(["git", *cmd], cwd=root, check=True, env=env(), capture_output=True)
     run_ids = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -136,7 +141,10 @@ def test_server_serves_both_runs_params_and_experiment_tag(served):
     # The same search the UI makes when filtering on a param.
     only_32 = api(base, "runs/search", body={"experiment_ids": [exp["experiment_id"]],
                                              "filter": "params.context_dim = '32'"})
-    assert [r["info"]["run_id"] for r in only_32["runs"]] == [run_ids["exp-ctx32"]]
+    found = {r["info"]["run_id"]: r for r in only_32["runs"]}
+    assert run_ids["exp-ctx32"] in found and len(found) == 2  # the run, and its experiment's parent
+    (parent,) = [r for rid, r in found.items() if rid != run_ids["exp-ctx32"]]
+    assert parent["info"]["run_name"] == "context_dim=32"  # named by, and logging, what the experiment changed
 
 
 def test_server_serves_metric_histories(served):

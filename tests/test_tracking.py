@@ -28,10 +28,12 @@ def store(tmp_path: Path, monkeypatch) -> tuple[Params, str]:
     return default_params(tracking={"uri": uri, "experiment": "t"}), uri
 
 
-def _runs(uri: str, name: str = "t"):
+def _runs(uri: str, name: str = "t", parents: bool = False):
+    """The stage runs of the store (or, with `parents`, the DVC experiments' parent runs)."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
-    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, [r for r in runs if ("dvc.stage" in r.data.tags) != parents]
 
 
 def test_stage_run_logs_params_curves_tags_and_writes_dvc_files(store, monkeypatch):
@@ -153,3 +155,54 @@ def test_store_lives_under_dvc_root(monkeypatch, tmp_path: Path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "user-repo"))
     assert tracking.tracking_uri(default_params()) == f"sqlite:///{tmp_path / 'user-repo' / 'mlflow.db'}"
+
+
+def test_stage_runs_nest_under_one_parent_per_experiment_named_by_what_it_changed(store, tmp_path: Path):
+    params, uri = store
+    params_file = write_params(tmp_path / "params.yaml", tracking={"uri": uri, "experiment": "t"})
+    for cmd in (["init", "-q"], ["add", "params.yaml"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "p"]):
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True, env=env())
+    assert params_file.is_file()
+    for p in (params, params, default_params(tracking={"uri": uri, "experiment": "t"}, context_dim=128)):
+        with tracking.stage_run("tokenize", p) as run:
+            run.finish({"vocab_size": 1})
+    client, (a, b, c) = _runs(uri)
+    _, parents = _runs(uri, parents=True)
+    by_name = {r.info.run_name: r for r in parents}
+    assert set(by_name) == {"baseline", "context_dim=128"}  # a rerun of the same experiment reattaches
+    assert all(r.info.status == "FINISHED" for r in parents)
+    assert by_name["context_dim=128"].data.params == {"context_dim": "128"}  # the changes as columns
+    parent_of = lambda r: r.data.tags[tracking.PARENT_ID_TAG]  # noqa: E731
+    assert parent_of(a) == parent_of(b) == by_name["baseline"].info.run_id
+    assert parent_of(c) == by_name["context_dim=128"].info.run_id
+    assert c.data.tags[tracking.CHANGED_TAG] == "context_dim=128"
+
+
+def test_speed_figures_go_to_the_timing_file_not_the_metrics_file(store):
+    params, uri = store
+    with tracking.stage_run(CELL, params) as run:
+        run.finish({"val_loss": 1.5, "tokens_per_s": 1234.5, "train_wall_time_s": 2.0})
+    assert json.loads(Path(f"reports/metrics/{CELL}.json").read_text()) == {"val_loss": 1.5}
+    assert json.loads(Path(f"reports/timing/{CELL}.json").read_text()) == {"tokens_per_s": 1234.5,
+                                                                          "train_wall_time_s": 2.0}
+    _, (r,) = _runs(uri)
+    assert r.data.metrics["final.tokens_per_s"] == 1234.5  # MLflow keeps both
+
+
+def test_a_run_logs_its_token_cache_as_mlflow_datasets(store, tmp_path: Path):
+    import numpy as np
+
+    from newllm.data.token_cache import TokenCache
+
+    params, uri = store
+    ids = {s: np.arange(n, dtype=np.int32) for s, n in (("train", 50), ("val", 20), ("test", 10))}
+    cache = TokenCache(tmp_path, {"kind": "word", "vocab_size": 60}, **ids)
+    with tracking.stage_run(CELL, params) as run:
+        run.log_dataset(cache, "template")
+        run.finish({"val_loss": 1.0})
+    client, (r,) = _runs(uri)
+    inputs = client.get_run(r.info.run_id).inputs.dataset_inputs
+    by_split = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    assert set(by_split) == {"train", "val", "test"}
+    assert {d.name for d in by_split.values()} == {"template/word60"}
+    assert json.loads(by_split["val"].profile) == {"tokens": 20}

@@ -43,16 +43,23 @@ def _check_port_free(port: int) -> None:
                                 f"another, `newllm ui --port {port + 1}` or `make ui PORT={port + 1}`") from None
 
 
+def runs_url(base: str, exp_id: str) -> str:
+    """The deep link `make ui` prints: the experiment's runs table (MLflow's root URL lands on its GenAI home)."""
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs"
+
+
 def _ui(args: argparse.Namespace) -> int:
     from newllm import tracking
 
     params = load_params_or_exit(args.params)
     _check_port_free(args.port)
-    tracking.init_store(params)
+    _, exp_id = tracking.init_store(params)
     uri = tracking.tracking_uri(params)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
+    runs = runs_url(f"http://127.0.0.1:{args.port}", exp_id)
+    print(f"MLflow UI over {uri}; Ctrl-C to stop\n  runs:   {runs}\n  charts: {runs}?compareRunsMode=CHART",
+          flush=True)
     # No background job workers: the UI alone is what a laptop needs (MLflow 3 starts several otherwise).
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return subprocess.call(cmd, env=env)

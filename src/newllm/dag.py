@@ -22,6 +22,7 @@ from newllm.errors import PipelineError
 
 DVC_YAML = "dvc.yaml"
 METRICS_DIR = "reports/metrics/"  # a stage's record is its metrics file's path under here
+TIMING_DIR = "reports/timing/"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class Stage:
     def metrics_file(self) -> Path | None:
         """Where its final metrics go (the one .json among `records`)."""
         return next((Path(p) for p in self.records if p.endswith(".json")), None)
+
+    @property
+    def timing_file(self) -> Path | None:
+        """Where its wall times and tokens/s go (an out under reports/timing/): kept out of the metrics
+        file, where they would make every `dvc exp show` / `dvc metrics diff` row differ."""
+        return next((Path(p) for p in self.outs if p.startswith(TIMING_DIR)), None)
 
     @property
     def plots_file(self) -> Path | None:

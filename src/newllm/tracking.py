@@ -32,6 +32,11 @@ from newllm.training.resume import ResumeFile, dep_key
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens a model-training experiment on its runs
 PID_TAG, HOST_TAG, END_REASON_TAG = "newllm.pid", "newllm.host", "newllm.end_reason"
+PARENT_TAG, CHANGED_TAG = "newllm.parent_key", "newllm.changed"  # a DVC experiment's parent run; what it changed
+PARENT_ID_TAG = "mlflow.parentRunId"  # MLflow's own nesting: the UI folds a stage's run under its parent
+# Final values that are measurements of speed, not results: written to the stage's timing file (dvc.yaml)
+# instead of its metrics file, so `dvc exp show --only-changed` and `dvc metrics diff` show results only.
+TIMING_KEYS = ("tokens_per_s", "train_wall_time_s", "context_cache_s", "wall_time_s")
 
 
 class TrackingError(PipelineError):
@@ -89,9 +94,7 @@ def init_store(params: Params | None = None) -> tuple[Any, str]:
     uri = tracking_uri(params)
     check_reachable(uri)
     name = params.tracking.experiment if params else "newllm"
-    lock = (FileLock(str(uri.removeprefix("sqlite:///")) + ".lock", timeout=120)
-            if uri.startswith("sqlite:///") else contextlib.nullcontext())
-    with lock:
+    with _store_lock(uri):
         client = _client(uri)
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -138,6 +141,60 @@ def file_at(rev: str, path: str) -> str | None:
         return out.stdout if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def changed_vs_baseline(params: Params) -> tuple[str, dict[str, tuple[Any, Any]] | None]:
+    """(the commit an experiment starts from, every flat param that differs from params.yaml there as
+    key -> (here, there)); None when there is nothing to compare with (no commit, or it does not validate)."""
+    import yaml
+
+    from newllm.config import ConfigError, changed_params, parse_params
+
+    rev = baseline_rev()
+    text = file_at(rev, "params.yaml") if rev else None
+    if text is None:
+        return rev, None
+    try:
+        return rev, changed_params(params, parse_params(yaml.safe_load(text)))
+    except (ConfigError, yaml.YAMLError):
+        return rev, None
+
+
+def ablation_label(changed: dict[str, tuple[Any, Any]] | None) -> str:
+    """What a run changed, as its parent is named: "context_dim=128 seed=1", or "baseline"."""
+    if not changed:
+        return "baseline"
+    label = " ".join(f"{k}={here}" for k, (here, _) in changed.items())
+    return label if len(label) <= 250 else label[:247] + "..."
+
+
+def experiment_parent(client: Any, exp_id: str, params: Params) -> tuple[str, str]:
+    """The parent run of this DVC experiment (the workspace included): found by what it changed against
+    its baseline commit, else created (named by it, the changed params logged as its params, FINISHED at
+    once: it holds no work of its own). Returns (its run id, its label)."""
+    import hashlib
+
+    rev, changed = changed_vs_baseline(params)
+    label = ablation_label(changed)
+    key = hashlib.sha256(f"{rev}\n{label}".encode()).hexdigest()[:16]
+    found = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id, label
+    tags = {PARENT_TAG: key, CHANGED_TAG: label, "dvc.exp_name": dvc_exp_name(), "dvc.baseline_rev": rev,
+            "mlflow.source.git.commit": git_commit(),
+            "mlflow.note.content": f"DVC experiment `{dvc_exp_name()}`; params against commit `{rev[:7]}`: {label}. "
+                                   "Each stage that ran for it is a run nested under this one."}
+    run_id = client.create_run(exp_id, run_name=label, tags=tags).info.run_id
+    _log_params(client, run_id, {k: here for k, (here, _) in (changed or {}).items()})
+    client.set_terminated(run_id, "FINISHED")
+    return run_id, label
+
+
+def _store_lock(uri: str) -> Any:
+    """The sqlite store's file lock (parallel writers corrupt a fresh file; two queue workers must not both
+    create a parent); nothing for a server, which serialises itself."""
+    return (FileLock(str(uri.removeprefix("sqlite:///")) + ".lock", timeout=120)
+            if uri.startswith("sqlite:///") else contextlib.nullcontext())
 
 
 def run_tags(params: Params, stage: str) -> dict[str, str]:
@@ -229,6 +286,7 @@ class StageRun:
     client: Any
     run_id: str
     resume_file: ResumeFile
+    changed: str = "baseline"  # what this DVC experiment changed (ablation_label): its parent run's name
     resumed: dict[str, Any] | None = None  # the trainer's state saved by a killed run of this stage, if any
     curve: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] | None = None
@@ -251,6 +309,27 @@ class StageRun:
     def log_params(self, values: dict[str, Any]) -> None:
         """Params known only once the stage runs (a replicate's chosen lr)."""
         _log_params(self.client, self.run_id, values)
+
+    def log_tags(self, values: dict[str, str]) -> None:
+        for k, v in values.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def log_dataset(self, cache: Any, source: str) -> None:
+        """The token cache this run read, as MLflow datasets (one input per split, the Dataset column of the
+        runs table): named by the dataset source and tokenizer, a digest of each split's ids, sizes as profile."""
+        import hashlib
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        name = f"{source}/{cache.meta.get('kind', 'tokens')}{cache.vocab_size}"  # e.g. template/word258
+        # one digest per split: MLflow keeps one input per (name, digest)
+        inputs = [DatasetInput(Dataset(name=name, digest=hashlib.sha256(getattr(cache, split).tobytes()).hexdigest()[:16],
+                                       source_type="local", source=str(Path(cache.root).resolve() / f"{split}.npy"),
+                                       schema='{"token_ids": "int32"}',
+                                       profile=json.dumps({"tokens": int(getattr(cache, split).size)})),
+                               tags=[InputTag("mlflow.data.context", split)])
+                  for split in ("train", "val", "test")]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -294,12 +373,14 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     client, exp_id = init_store(params)
     for run_id in end_orphans(client, exp_id, stage, keep=saved and saved["run_id"]):
         print(f"{stage}: ended MLflow run {run_id} KILLED (its process is gone)", file=sys.stderr)
-    tags = run_tags(params, stage)
+    with _store_lock(tracking_uri(params)):
+        parent_id, label = experiment_parent(client, exp_id, params)
+    tags = {**run_tags(params, stage), PARENT_ID_TAG: parent_id, CHANGED_TAG: label}
     if saved and _reattach(client, exp_id, saved["run_id"], tags):
         run_id = saved["run_id"]
     else:
         run_id = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id
-    tracked = StageRun(stage, declared, client, run_id, resume_file,
+    tracked = StageRun(stage, declared, client, run_id, resume_file, changed=label,
                        resumed=saved and saved["trainer"], curve=list(saved["curve"]) if saved else [])
     print(f"{stage}: MLflow run {run_id} ({run_url(params, exp_id, run_id)})", flush=True)
     if saved:
@@ -310,13 +391,17 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
 
     previous = signal.signal(signal.SIGTERM, on_term)
     status = "FAILED"
+    monitor = _system_metrics(run_id, tracking_uri(params))
     try:
         _log_params(client, run_id, stage_params(params, stage))
         yield tracked
         if tracked.curve and declared.plots_file is not None:
             write_plot(declared.plots_file, tracked.curve)
         if tracked.final is not None and declared.metrics_file is not None:
-            write_metrics(declared.metrics_file, tracked.final)
+            results, timing = split_timing(tracked.final, declared)
+            write_metrics(declared.metrics_file, results)
+            if timing:
+                write_metrics(declared.timing_file, timing)
             client.log_batch(run_id, metrics=_final_metrics(tracked.final))
         status = "FINISHED"
         resume_file.clear()
@@ -331,7 +416,23 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
         client.set_terminated(run_id, status)
+
+
+def _system_metrics(run_id: str, uri: str) -> Any:
+    """MLflow's own system-metrics monitor (CPU, memory, GPU when present; a sample every 10 s), or None
+    when it cannot start: a missing psutil must never fail a stage."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception:
+        return None
 
 
 def _position(trainer_state: dict[str, Any]) -> str:
@@ -348,7 +449,35 @@ def _final_metrics(metrics: dict[str, Any]) -> list[Any]:
     return [Metric(f"final.{k}", v, ts, 0) for k, v in _numeric(metrics).items()]
 
 
+def log_compare(params: Params, table: Any, markdown: Path, figure: Path) -> str:
+    """`newllm compare`'s table (MLflow's log_table, so the UI's evaluation view can read it) and figure, in
+    a run of their own named `compare:<exp>` under the experiment's parent. Returns its id."""
+    client, exp_id = init_store(params)
+    with _store_lock(tracking_uri(params)):
+        parent_id, label = experiment_parent(client, exp_id, params)
+    run_id = client.create_run(exp_id, run_name=f"compare:{dvc_exp_name()}", tags={
+        "dvc.stage": "compare", "dvc.exp_name": dvc_exp_name(), PARENT_ID_TAG: parent_id, CHANGED_TAG: label,
+        "mlflow.source.git.commit": git_commit()}).info.run_id
+    status = "FAILED"
+    try:
+        client.log_table(run_id, data=table, artifact_file="ablations.json")
+        client.log_artifact(run_id, str(figure), "figures")
+        client.log_artifact(run_id, str(markdown))
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+    return run_id
+
+
 # ----------------------------------------------------------------------------------------------- sync
+def split_timing(final: dict[str, Any], declared: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(results for the metrics file, speed measurements for the timing file when the stage has one)."""
+    if declared.timing_file is None:
+        return final, {}
+    return ({k: v for k, v in final.items() if k not in TIMING_KEYS},
+            {k: v for k, v in final.items() if k in TIMING_KEYS})
+
+
 def _read_plot(path: Path) -> list[dict[str, Any]]:
     with path.open() as f:
         return list(csv.DictReader(f))
@@ -364,6 +493,8 @@ def sync(params: Params, records: list[str] | None = None) -> list[str]:
     declared = stages(params)
     client, exp_id = init_store(params)
     end_orphans(client, exp_id)  # store-wide
+    with _store_lock(tracking_uri(params)):
+        parent_id, label = experiment_parent(client, exp_id, params)
     created = []
     for stage in records or list(declared):
         metrics_file, plot = declared[stage].metrics_file, declared[stage].plots_file
@@ -375,10 +506,13 @@ def sync(params: Params, records: list[str] | None = None) -> list[str]:
             max_results=1)
         if found:
             continue
-        tags = {**run_tags(params, stage), "newllm.synced": "true"}
+        tags = {**run_tags(params, stage), "newllm.synced": "true", PARENT_ID_TAG: parent_id, CHANGED_TAG: label}
         run_id = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id
         try:
             final = json.loads(metrics_file.read_text())
+            timing = declared[stage].timing_file
+            if timing is not None and timing.is_file():
+                final.update(json.loads(timing.read_text()))
             logged = stage_params(params, stage)
             if "lr" in final and "lr" not in logged:  # a replicate's lr was chosen at run time (run.log_params)
                 logged["lr"] = final["lr"]

@@ -12,7 +12,7 @@ from helpers import default_params, use_project_dvc_yaml, write_params
 from newllm import cli, tracking
 from newllm.config import Params
 from newllm.report import ablations
-from newllm.report.ablations import BASELINE_LABEL, differing_params, group_ablations
+from newllm.report.ablations import BASELINE_LABEL, differing_params, group_ablations, markdown_table
 
 
 def _run(stage: str, ppl: float, t: int, status: str = "FINISHED", exp: str = "e", phash: str | None = None,
@@ -47,16 +47,20 @@ def runs() -> pd.DataFrame:
 
 def test_groups_seeds_into_mean_and_std_per_ablation(runs):
     g = group_ablations(runs)
-    assert list(g["model"]) == ["New-LLM", "New-LLM", "LSTM"]
-    assert list(g["ablation"]) == ["context_dim=16", "context_dim=32", BASELINE_LABEL]
+    assert list(g["model"]) == ["New-LLM", "New-LLM", "LSTM"]  # models in report order, each best first
+    assert list(g["ablation"]) == ["context_dim=32", "context_dim=16", BASELINE_LABEL]
+    assert list(g["best"]) == [True, False, False]  # a model with one group has no "best"
     assert list(g["n_seeds"]) == [3, 3, 2]
-    assert g.loc[0, "seeds"] == ["0", "1", "2"] and g.loc[0, "ablation_params"] == {"context_dim": "16"}
-    for i, values in enumerate(([9.0, 10.0, 11.0], [7.0, 8.0, 9.5], [20.0, 22.0])):
+    assert g.loc[1, "seeds"] == ["0", "1", "2"] and g.loc[1, "ablation_params"] == {"context_dim": "16"}
+    for i, values in enumerate(([7.0, 8.0, 9.5], [9.0, 10.0, 11.0], [20.0, 22.0])):
         assert g.loc[i, "val_ppl_mean"] == pytest.approx(statistics.mean(values))
         assert g.loc[i, "val_ppl_std"] == pytest.approx(statistics.stdev(values))
         assert g.loc[i, "val_loss_mean"] == pytest.approx(statistics.mean(map(math.log, values)))
-    assert list(g["params_total"]) == [1016, 1032, 1256]
-    assert "r0" not in g.loc[0, "run_ids"]  # the older re-run lost to the newest
+    assert list(g["params_total"]) == [1032, 1016, 1256]
+    assert "r0" not in g.loc[1, "run_ids"]  # the older re-run lost to the newest
+    table = markdown_table(g)
+    assert "val PPL (lower is better)" in table and table.count("(best)") == 1
+    assert "| New-LLM | context_dim=32 | 3 (seed 0, 1, 2) | **8.17 ± 1.26** (best) |" in table
 
 
 def test_differing_params_excludes_seed_and_params_some_runs_never_logged(runs):
@@ -71,17 +75,20 @@ def test_differing_params_excludes_seed_and_params_some_runs_never_logged(runs):
     swept = p2.assign(**{"params.lr": [None] + ["0.003"] * (len(p2) - 1)})  # the first: ctx16, seed 0
     assert differing_params(swept) == ["context_dim", "lr"]
     g = group_ablations(swept)
-    assert list(g["ablation"]) == ["context_dim=16, lr=0.003", "context_dim=16, lr=(unset)", "context_dim=32, lr=0.003"]
+    assert sorted(g["ablation"]) == ["context_dim=16, lr=(unset)", "context_dim=16, lr=0.003", "context_dim=32, lr=0.003"]
+    assert list(g["val_ppl_mean"]) == sorted(g["val_ppl_mean"])
 
 
-def test_single_run_has_no_std_and_sorts_numerically():
+def test_single_run_has_no_std_and_sorts_best_first_then_numerically():
     df = pd.DataFrame([_run("cvp", 5.0, 1, context_dim=128), _run("cvp", 6.0, 2, context_dim=1024),
                        _run("cvp", 7.0, 3, context_dim=256)])
     g = group_ablations(df)
-    assert list(g["ablation"]) == ["context_dim=128", "context_dim=256", "context_dim=1024"]
+    assert list(g["ablation"]) == ["context_dim=128", "context_dim=1024", "context_dim=256"]  # by val PPL
+    tied = group_ablations(df.assign(**{"metrics.final.val_ppl": 5.0}))
+    assert list(tied["ablation"]) == ["context_dim=128", "context_dim=256", "context_dim=1024"]  # ties: by value
     assert g["val_ppl_std"].isna().all() and list(g["n_seeds"]) == [1, 1, 1]
     table = ablations.markdown_table(g)
-    assert "| CVP | context_dim=128 | 1 (seed 0) | 5.00 | 1.6094 | 1,128 |" in table
+    assert "| CVP | context_dim=128 | 1 (seed 0) | **5.00** (best) | 1.6094 | 1,128 |" in table
 
 
 def test_empty_frame_gives_no_groups():
@@ -121,24 +128,32 @@ def test_compare_through_a_sqlite_store_and_the_cli(tmp_path: Path, monkeypatch,
 
     client, exp_id = tracking.init_store(default_params(tracking=tc))
     df = ablations.load_runs(client, exp_id)
-    assert len(df) == 6 and set(df["status"]) == {"FINISHED"}
+    assert df["stage"].notna().sum() == 6 and set(df["status"]) == {"FINISHED"}
+    # every stage run is nested under its DVC experiment's parent, named by what it changed
+    parents = df[df["stage"].isna()]
+    assert len(parents) >= 1 and parents["run_name"].str.len().gt(0).all()
     assert {"params.context_dim", "params.lr", "metrics.final.val_ppl"} <= set(df.columns)
     g = group_ablations(df)
-    assert list(g["ablation"]) == ["context_dim=16", "context_dim=32"]
+    assert list(g["ablation"]) == ["context_dim=32", "context_dim=16"]
     assert list(g["n_seeds"]) == [2, 2] and list(g["seeds"]) == [["0", "1"], ["0", "1"]]
-    assert list(g["val_ppl_mean"]) == pytest.approx([10.5, 7.5])
-    assert list(g["val_ppl_std"]) == pytest.approx([statistics.stdev([10.0, 11.0]), statistics.stdev([7.0, 8.0])])
-    assert sorted(g.loc[0, "exps"]) == ["ctx16-s0", "ctx16-s1"]
+    assert list(g["val_ppl_mean"]) == pytest.approx([7.5, 10.5])
+    assert list(g["val_ppl_std"]) == pytest.approx([statistics.stdev([7.0, 8.0]), statistics.stdev([10.0, 11.0])])
+    assert sorted(g.loc[1, "exps"]) == ["ctx16-s0", "ctx16-s1"]
 
     params_file = tmp_path / "params.yaml"
     write_params(params_file, tracking={"uri": uri, "experiment": "t"})
     assert cli.main(["--params", str(params_file), "compare", "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "ablations.md").read_text()
     assert "| New-LLM | context_dim=16 | 2 (seed 0, 1) | 10.50 ± 0.71 |" in md
-    assert "| New-LLM | context_dim=32 | 2 (seed 0, 1) | 7.50 ± 0.71 |" in md
+    assert "| New-LLM | context_dim=32 | 2 (seed 0, 1) | **7.50 ± 0.71** (best) |" in md
     assert "![val PPL per ablation](figures/ablations.png)" in md
     assert (tmp_path / "out" / "figures" / "ablations.png").read_bytes()[:4] == b"\x89PNG"
     assert "context_dim=32" in capsys.readouterr().out
+    # the table and figure are also in MLflow, in a run of their own
+    (compare_run,) = client.search_runs([exp_id], "tags.`dvc.stage` = 'compare'")
+    assert compare_run.info.status == "FINISHED"
+    logged = {a.path for a in client.list_artifacts(compare_run.info.run_id)}
+    assert {"ablations.json", "ablations.md", "figures"} <= logged
 
 
 def test_compare_on_an_empty_experiment_fails_with_a_message(tmp_path: Path, monkeypatch, capsys):

@@ -163,7 +163,14 @@ def group_ablations(df: pd.DataFrame, ignore: Iterable[str] = REPLICATE_PARAMS) 
             out.append(row)
     columns = ["model", "stage", "ablation", "ablation_params", "n_seeds", "seeds", "exps", "run_ids",
                "val_ppl_mean", "val_ppl_std", "val_loss_mean", "val_loss_std", "params_total"]
-    return pd.DataFrame(out, columns=columns)
+    frame = pd.DataFrame(out, columns=columns)
+    # each model's ablations best first (lower val PPL is better); models stay in report order
+    order = {m: i for i, m in enumerate(dict.fromkeys(frame["model"]))}
+    frame = frame.assign(_m=frame["model"].map(order)).sort_values(["_m", "val_ppl_mean"], kind="stable",
+                                                                   na_position="last")
+    frame["best"] = frame.groupby("model")["val_ppl_mean"].transform("min").eq(frame["val_ppl_mean"]) \
+        & frame.groupby("model")["model"].transform("size").gt(1)
+    return frame.drop(columns="_m").reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------------------------- write
@@ -174,14 +181,16 @@ def _pm(mean: float, std: float, digits: int) -> str:
 
 
 def markdown_table(groups: pd.DataFrame) -> str:
-    lines = ["| model | ablation params | runs (seeds) | val PPL mean ± std | val loss mean ± std | params_total |",
+    """Each model's ablations best first, its best in bold (lower is better)."""
+    lines = ["| model | ablation params | runs (seeds) | val PPL (lower is better) | val loss | params_total |",
              "|---|---|---|---|---|---|"]
     for g in groups.itertuples(index=False):
         seeds = f" (seed {', '.join(g.seeds)})" if g.seeds else ""
         size = f"{g.params_total:,}" if g.params_total is not None and not pd.isna(g.params_total) else "—"
+        ppl = _pm(g.val_ppl_mean, g.val_ppl_std, 2)
         lines.append(f"| {g.model} | {g.ablation.replace('|', '/')} | {g.n_seeds}{seeds} | "
-                     f"{_pm(g.val_ppl_mean, g.val_ppl_std, 2)} | {_pm(g.val_loss_mean, g.val_loss_std, 4)} | "
-                     f"{size} |")
+                     f"{f'**{ppl}** (best)' if getattr(g, 'best', False) else ppl} | "
+                     f"{_pm(g.val_loss_mean, g.val_loss_std, 4)} | {size} |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,7 +201,9 @@ def write_markdown(groups: pd.DataFrame, path: Path, figure: Path | None = None,
     if source:
         text += [source, ""]
     text += ["Runs are grouped per model by the params that differ across that model's runs; seeds are "
-             "replicates (mean ± sample std over them). Metrics are the stages' final (best-epoch) values.",
+             "replicates (mean ± sample std over them). Metrics are the stages' final (best-epoch) values; "
+             "lower is better, each model's best in bold. A baseline's ablation params are New-LLM's: it is "
+             "re-sized to match New-LLM's parameter count under them, it has no context_dim of its own.",
              "", markdown_table(groups)]
     if figure is not None:
         text += [f"![val PPL per ablation]({Path(os.path.relpath(figure, path.parent)).as_posix()})", ""]
@@ -203,16 +214,21 @@ def write_markdown(groups: pd.DataFrame, path: Path, figure: Path | None = None,
 
 
 def plot_ablations(groups: pd.DataFrame, path: Path) -> Path:
-    """Val PPL mean ± std (error bars) per ablation value, one panel per model."""
+    """Val PPL mean ± std (error bars) per ablation value, one panel per model on one shared y-axis, each
+    model's best starred."""
     from newllm.report.figures import pyplot
 
     plt = pyplot()
     models = list(dict.fromkeys(groups["model"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(max(4.5 * len(models), 5), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(4.5 * len(models), 5), 4.2), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models, strict=True):
         g = groups[groups["model"] == model]
         x = range(len(g))
         ax.errorbar(x, g["val_ppl_mean"], yerr=g["val_ppl_std"].fillna(0.0), fmt="o", capsize=5, ms=6)
+        best = [i for i, b in enumerate(g["best"] if "best" in g else []) if b]
+        if best:
+            ax.plot(best, g["val_ppl_mean"].iloc[best], "*", ms=16, color="tab:orange", label="best", zorder=3)
+            ax.legend(loc="best", fontsize=8)
         for xi, (mean, n) in enumerate(zip(g["val_ppl_mean"], g["n_seeds"], strict=True)):
             if not math.isnan(mean):
                 ax.annotate(f"n={n}", (xi, mean), textcoords="offset points", xytext=(8, 0), fontsize=8,
@@ -223,7 +239,7 @@ def plot_ablations(groups: pd.DataFrame, path: Path) -> Path:
         ax.set_xlim(-0.6, len(g) - 0.4)
         ax.set(title=model, ylabel="val perplexity" if ax is axes[0][0] else None)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Val PPL per ablation (mean ± std over seeds)")
+    fig.suptitle("Val PPL per ablation (mean ± std over seeds; lower is better)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,4 +264,7 @@ def compare(params: Params, out_dir: Path = Path("reports")) -> tuple[pd.DataFra
     n = int(groups["n_seeds"].sum())
     md = write_markdown(groups, out_dir / MD_NAME, figure,
                         source=f"{n} run(s) of experiment `{params.tracking.experiment}` in `{uri}`.")
+    table = groups.drop(columns=["ablation_params", "run_ids"]).assign(
+        seeds=groups["seeds"].map(", ".join), exps=groups["exps"].map(", ".join))
+    tracking.log_compare(params, table, md, figure)
     return groups, md, figure

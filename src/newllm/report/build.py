@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from newllm.config import ConfigError, Params, changed_params, params_hash, parse_params, stages
+from newllm.config import Params, params_hash, stages
 from newllm.errors import PipelineError
 from newllm.protocol import FULL_LRS, checkpoint, full_sweep_command, phase1_record, runs, seeds
 from newllm.registry import CONTROLS, MODELS, by_record
@@ -25,7 +25,7 @@ from newllm.report.tables import (
     read_curve,
     read_metrics,
 )
-from newllm.tracking import baseline_rev, dvc_exp_name, file_at, git_commit
+from newllm.tracking import changed_vs_baseline, dvc_exp_name, file_at, git_commit
 
 FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png", "lr_sweep.png")
 
@@ -91,16 +91,10 @@ def answer(summary: dict[str, dict[str, Any]], per_seed: dict[str, list[dict[str
 def _changed_line(params: Params, most: int = 12) -> str:
     """Which params this workspace's run changed against the commit it starts from (after `dvc exp run`,
     the workspace holds the experiment: the report says so)."""
-    import yaml
-
-    rev = baseline_rev()
-    text = file_at(rev, "params.yaml") if rev else None
-    if text is None:
-        return "no committed params.yaml to compare with."
-    try:
-        changed = changed_params(params, parse_params(yaml.safe_load(text)))
-    except (ConfigError, yaml.YAMLError):
-        return f"the params.yaml committed at `{rev[:7]}` does not validate under this version: no comparison."
+    rev, changed = changed_vs_baseline(params)
+    if changed is None:
+        return (f"the params.yaml committed at `{rev[:7]}` does not validate under this version: no comparison."
+                if rev and file_at(rev, "params.yaml") is not None else "no committed params.yaml to compare with.")
     if not changed:
         return f"params as committed at `{rev[:7]}`."
     shown = ", ".join(f"`{k}={here}` (committed: {there})" for k, (here, there) in list(changed.items())[:most])

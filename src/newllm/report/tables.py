@@ -47,11 +47,12 @@ def _fmt(v: Any) -> str:
 
 
 def read_metrics(root: Path, stage: Stage) -> dict[str, Any]:
-    """A stage's final metrics, from the file dvc.yaml declares for it."""
+    """A stage's final metrics, from the file dvc.yaml declares for it, with its timing file's values."""
     path = root / stage.metrics_file
     if not path.is_file():
         raise PipelineError(f"missing {path}: run `dvc repro` so every model's stage has written its metrics")
-    return json.loads(path.read_text())
+    timing = root / stage.timing_file if stage.timing_file else None
+    return {**json.loads(path.read_text()), **(json.loads(timing.read_text()) if timing and timing.is_file() else {})}
 
 
 def read_curve(root: Path, stage: Stage) -> list[dict[str, float]]:
