@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	# torch first: the pinned CPU build on disk; a plain resolve would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/newllm plots-template  # .dvc/plots_offline.html: `dvc plots show/diff` render with no network
 	touch $(STAMP)
 
 install: $(STAMP)

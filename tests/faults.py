@@ -261,7 +261,9 @@ def kill9_resume(base: Path, root: Path) -> Row:
     epochs = json.loads(metrics.read_text())["epochs_run"] if rc == 0 else -1
     continuous = steps == list(range(1, epochs + 1))
     happened = (f"killed at epoch {killed_at}; {resumed.split(': ', 1)[-1][:80]}; run {status}, "
-                f"val_loss curve steps 1..{steps[-1] if steps else 0} continuous: {continuous}")
+                f"val_loss curve steps 1..{steps[-1] if steps else 0} continuous: {continuous}; checkpoint md5 "
+                f"{md5(ckpt)[:12] if ckpt.is_file() else '-'} (uninterrupted {want_md5[:12]}); metrics diff "
+                f"{'empty' if rc == 0 and no_timing(json.loads(metrics.read_text())) == want_metrics else 'NOT empty'}")
     return Row("kill -9 mid-training, then rerun", happened, seconds, 0, running(proj), "yes" if same else "no",
                ok=same and status == "FINISHED" and continuous and "resuming from" in resumed)
 

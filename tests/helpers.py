@@ -97,6 +97,7 @@ def make_project(dest: Path, overrides: dict | None = None) -> Path:
     run(["git", "config", "user.email", "test@example.invalid"], dest)
     run(["git", "config", "user.name", "test"], dest)
     run(["dvc", "init", "-q"], dest)
+    shutil.copy2(REPO / ".dvc" / "config", dest / ".dvc" / "config")  # the project's DVC settings (plots template)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "init"], dest)
     return dest

@@ -160,6 +160,23 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
 
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
     assert "lr2" in shown
+    # DVC's own views: only params and results differ (no timing column), and `dvc plots diff` of the
+    # experiment against its baseline plots losses and renders with no network (its vega is inlined).
+    changed = run(["dvc", "exp", "show", "--no-pager", "--csv", "--only-changed"], project).stdout.splitlines()[0]
+    assert "protocol.lrs" in changed and "val_loss" in changed, changed
+    assert not any(k in changed for k in ("tokens_per_s", "wall_time", "context_cache_s")), changed
+    run(["newllm", "plots-template"], project)
+    specs = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], project).stdout)
+    lstm = next(v for k, v in specs.items() if k.endswith("sweep/lstm/lr0.01.csv"))
+    assert lstm[0]["content"]["encoding"]["y"]["field"] == "val_loss", lstm[0]["content"]["encoding"]
+    out = run(["dvc", "plots", "diff", "HEAD", "-o", "plots_out"], project).stdout
+    page = (project / "plots_out" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "vegaEmbed" in page, out
+    from newllm.report.browser import find_chromium, render_page
+
+    if find_chromium() is not None:
+        dom = render_page(project / "plots_out" / "index.html", budget_ms=8000)
+        assert "<canvas" in dom or 'class="marks"' in dom, dom[-1500:]  # vega drew the plots
     md = (project / "reports/report.md").read_text()  # the workspace now holds lr2, and its report says so
     assert "DVC experiment `lr2`; params changed against commit `" in md
     assert "`protocol.lrs=[0.01, 0.03]` (committed: [0.01])" in md

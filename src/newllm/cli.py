@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from newllm.pipeline import load_params_or_exit
 from newllm.registry import MODELS
@@ -110,6 +111,31 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+PLOTS_TEMPLATE = Path(".dvc") / "plots_offline.html"  # .dvc/config: [plots] html_template = plots_offline.html
+
+
+def _plots_template(args: argparse.Namespace) -> int:
+    """Write the HTML template `dvc plots show/diff` use (.dvc/config points at it): DVC's own page loads
+    Vega, Vega-Lite and vega-embed from a CDN and renders blank offline; this one inlines them, bundled by
+    vl-convert from their published packages."""
+    import vl_convert
+
+    from newllm.errors import PipelineError
+
+    if not PLOTS_TEMPLATE.parent.is_dir():
+        raise PipelineError("no .dvc folder here: run `newllm plots-template` from the project root")
+    bundle = vl_convert.javascript_bundle().replace("</script", "<\\/script")  # the HTML parser must not end it
+    page = ("<!DOCTYPE html>\n<html>\n<head>\n{refresh_tag}\n<meta charset=\"utf-8\">\n<title>DVC plots</title>\n"
+            f"<script>\n{bundle}\n</script>\n<style>table {{ border-spacing: 15px; }}</style>\n</head>\n"
+            "<body>\n{plot_divs}\n</body>\n</html>\n")
+    tmp = PLOTS_TEMPLATE.with_name(f".{PLOTS_TEMPLATE.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(PLOTS_TEMPLATE)
+    print(f"wrote {PLOTS_TEMPLATE} (Vega {vl_convert.get_vega_version()}, vega-embed "
+          f"{vl_convert.get_vega_embed_version()}, inlined: `dvc plots diff` renders offline)")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     load_params_or_exit(args.params)
     print(f"{args.params}: ok")
@@ -126,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ui = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 over the project's store")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=_ui)
+    sub.add_parser("plots-template", help="write the offline HTML template of `dvc plots show/diff`"
+                   ).set_defaults(fn=_plots_template)
     compare = sub.add_parser("compare", help="ablation table + figure over the MLflow runs of the training stages")
     compare.add_argument("--out", default="reports", help="output folder: <out>/ablations.md, <out>/figures/ablations.png")
     compare.set_defaults(fn=_compare)

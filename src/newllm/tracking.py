@@ -426,8 +426,11 @@ def _system_metrics(run_id: str, uri: str) -> Any:
     """MLflow's own system-metrics monitor (CPU, memory, GPU when present; a sample every 10 s), or None
     when it cannot start: a missing psutil must never fail a stage."""
     try:
+        import logging
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per stage
         monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=uri)
         monitor.start()
         return monitor
