@@ -172,8 +172,9 @@ def workspace(tmp_path, monkeypatch):
 def test_generate_command_streams_seeded_text(workspace, capsys):
     argv = ["generate", "--model", "lstm", "--prompt", "the cat", "--max-new-tokens", "6", "--seed", "2"]
     assert cli.main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert out.startswith("the cat") and out.endswith("\n")
+    assert "the lr chosen on val; " in err and "params" in err  # which params the checkpoint was trained under
     words = out.split()
     assert len(words) >= 2 + 6 - out.count("\n") + 1  # end-of-line tokens print as line breaks
     assert set(words) <= set(workspace.get_vocab())

@@ -168,8 +168,10 @@ def test_stage_runs_nest_under_one_parent_per_experiment_named_by_what_it_change
             run.finish({"vocab_size": 1})
     client, (a, b, c) = _runs(uri)
     _, parents = _runs(uri, parents=True)
-    by_name = {r.info.run_name: r for r in parents}
+    rev = tracking.git_commit()[:7]
+    by_name = {r.info.run_name.removesuffix(f" @ {rev}"): r for r in parents}
     assert set(by_name) == {"baseline", "context_dim=128"}  # a rerun of the same experiment reattaches
+    assert all(r.info.run_name.endswith(f" @ {rev}") for r in parents)  # each commit has its own baseline
     assert all(r.info.status == "FINISHED" for r in parents)
     assert by_name["context_dim=128"].data.params == {"context_dim": "128"}  # the changes as columns
     parent_of = lambda r: r.data.tags[tracking.PARENT_ID_TAG]  # noqa: E731

@@ -90,7 +90,7 @@ def _generate(args: argparse.Namespace) -> int:
     cache = load_cache()
     tok, eos = cache.tokenizer(), int(cache.meta["eos_id"])
     path = checkpoint(params, args.model)
-    print(f"{args.model}: {path} (seed {params.seed}, the lr chosen on val)", file=sys.stderr)
+    print(f"{args.model}: {path} (seed {params.seed}, the lr chosen on val; {_workspace_params(params)})", file=sys.stderr)
     model = load_model(args.model, cache.vocab_size, path)
     prompt = rep.prompts[0] if args.prompt is None else args.prompt
     ids = encode_prompt(tok, prompt, eos)
@@ -109,6 +109,18 @@ def _generate(args: argparse.Namespace) -> int:
         print(piece, end="", flush=True)  # each piece as soon as it is sampled
     print()
     return 0
+
+
+def _workspace_params(params) -> str:
+    """Which params the workspace's checkpoints were trained under, against the commit (after `dvc exp run`
+    the workspace holds the last experiment; `dvc exp apply <name>` brings another)."""
+    from newllm import tracking
+
+    rev, changed = tracking.changed_vs_baseline(params)
+    if changed is None:
+        return "no committed params.yaml to compare with"
+    return (f"params as committed at {rev[:7]}" if not changed else
+            f"params changed against commit {rev[:7]}: {tracking.ablation_label(changed)}")
 
 
 PLOTS_TEMPLATE = Path(".dvc") / "plots_offline.html"  # .dvc/config: [plots] html_template = plots_offline.html
