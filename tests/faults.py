@@ -206,10 +206,10 @@ def _python_pid(proj: Path, since: set[str], timeout: float = 120) -> tuple[str,
     """The run id and pid of the training process a dvc command just started (its run's newllm.pid tag)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        try:
-            new = [r for r in runs(proj) if r[0] not in since]
-            if new and (pid := tag(proj, new[0][0], "newllm.pid")):
-                return new[0][0], int(pid)
+        try:  # the new stage run (a new parent run of the experiment carries no pid)
+            for run_id, _, _ in [r for r in runs(proj) if r[0] not in since]:
+                if pid := tag(proj, run_id, "newllm.pid"):
+                    return run_id, int(pid)
         except sqlite3.OperationalError:  # the stage is writing: ask again
             pass
         time.sleep(0.05)

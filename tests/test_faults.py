@@ -1,6 +1,7 @@
 """One test per fault of the fault suite (tests/faults.py), each on its own copy of one reproduced scratch
 pipeline: a refusal fails with one line and leaves nothing cached and no run RUNNING; kill -9 resumes to
-identical metrics and checkpoint bytes. `benchmarks/faults.py` prints the same rows as a table."""
+identical metrics and checkpoint bytes. `benchmarks/faults.py` prints the same rows as a table. (A
+non-list `protocol.lrs` is refused by DVC itself, with its own error, while it expands the matrix.)"""
 
 from pathlib import Path
 
@@ -19,5 +20,3 @@ def test_fault(fault: str, base: Path, tmp_path: Path):
     row = FAULTS[fault](base, tmp_path)
     assert row.ok, row
     assert row.cached == 0 and row.running == 0, row
-    if fault == "lrs-string":  # DVC refuses it while expanding the matrix, before any of our code runs
-        assert "fast" in row.happened

@@ -78,11 +78,10 @@ def checkpoint(params: Any, name: str, root: Path = Path(".")) -> Path:
 
 
 def pick(val_losses: dict[float, float]) -> float:
-    """The lr with the lowest val loss; a cell that never beat its initial weights (inf) is never chosen."""
+    """The lr with the lowest finite val loss (pick_lr passes the cells that beat their initial weights)."""
     finite = {lr: v for lr, v in val_losses.items() if math.isfinite(v)}
     if not finite:
-        raise PipelineError(f"no cell of the lr sweep beat its initial weights (val loss {val_losses}): try "
-                            "other protocol.lrs")
+        raise PipelineError(f"no cell of the lr sweep has a finite val loss ({val_losses}): try other protocol.lrs")
     return min(finite, key=lambda lr: (finite[lr], lr))  # a tie goes to the smaller lr
 
 

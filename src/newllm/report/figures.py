@@ -55,6 +55,8 @@ def lr_sweep(val_by_lr: dict[str, dict[float, float]]):
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, val) in enumerate(val_by_lr.items()):
         lrs = sorted(val)
+        if not lrs:  # no cell beat its initial weights: nothing to draw (the tables say so)
+            continue
         ax.plot(lrs, [val[lr] for lr in lrs], "-o", color=f"C{i}", label=name)
         best = min(lrs, key=lambda lr: val[lr])
         ax.plot([best], [val[best]], "o", ms=14, mfc="none", color=f"C{i}")
