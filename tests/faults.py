@@ -236,7 +236,7 @@ def _stop_mid_training(proj: Path, sig: signal.Signals) -> tuple[str, int, str]:
 def _saved_epoch(proj: Path, run_id: str) -> int:
     try:
         with sqlite3.connect(proj / "mlflow.db", timeout=5) as con:
-            row = con.execute("select max(step) from metrics where run_uuid = ? and key = 'val_loss'",
+            row = con.execute("select max(step) from metrics where run_uuid = ? and key = 'curves/val_loss'",
                               (run_id,)).fetchone()
     except sqlite3.OperationalError:  # the stage is writing: ask again
         return 0
@@ -257,7 +257,7 @@ def kill9_resume(base: Path, root: Path) -> Row:
     status = {r[0]: r[1] for r in runs(proj)}.get(run_id)
     with sqlite3.connect(proj / "mlflow.db") as con:
         steps = sorted({s for (s,) in con.execute(
-            "select step from metrics where run_uuid = ? and key = 'val_loss'", (run_id,))})
+            "select step from metrics where run_uuid = ? and key = 'curves/val_loss'", (run_id,))})
     epochs = json.loads(metrics.read_text())["epochs_run"] if rc == 0 else -1
     continuous = steps == list(range(1, epochs + 1))
     happened = (f"killed at epoch {killed_at}; {resumed.split(': ', 1)[-1][:80]}; run {status}, "

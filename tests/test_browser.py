@@ -30,6 +30,12 @@ def test_mlflow_runs_page_renders_both_runs(tmp_path: Path):
     assert "Runs" in dom and "Welcome" not in dom  # the runs table, not MLflow's GenAI home
     for label in ("context_dim=16", "context_dim=32"):  # one parent run per experiment, named by its change
         assert label in dom, dom[-2000:]
+    with mlflow_server(uri, tmp_path) as base:  # the chart view `make ui` also prints opens on the loss curves
+        charts = render_page(cli.runs_url(base, exp_id) + "?compareRunsMode=CHART", budget_ms=15000)
+    # sections in page order: "curves" (the loss curves) first; a section's charts show once its runs are
+    # expanded under their parents
+    at = {name: charts.find(f">{name}<") for name in ("curves", "Model metrics", "System metrics")}
+    assert 0 < at["curves"] < min(at["Model metrics"], at["System metrics"]), at
     png = shot.read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 20_000  # a rendered page, not a blank one
     if os.environ.get("NEWLLM_SAVE_SCREENSHOTS") == "1":

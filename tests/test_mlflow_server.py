@@ -137,7 +137,7 @@ def test_server_serves_both_runs_params_and_experiment_tag(served):
         assert r["info"]["run_name"] == f"{CELL}:{exp_name}" and r["info"]["status"] == "FINISHED"
         assert params["context_dim"] == str(CONTEXT_DIMS[exp_name]) and params["lr"] == "0.001"
         assert tags["dvc.exp_name"] == exp_name and tags["dvc.stage"] == CELL
-        assert {m["key"] for m in r["data"]["metrics"]} >= {"val_loss", "final.val_ppl", "final.params_total"}
+        assert {m["key"] for m in r["data"]["metrics"]} >= {"curves/val_loss", "summary/val_ppl", "summary/params_total"}
     # The same search the UI makes when filtering on a param.
     only_32 = api(base, "runs/search", body={"experiment_ids": [exp["experiment_id"]],
                                              "filter": "params.context_dim = '32'"})
@@ -150,7 +150,7 @@ def test_server_serves_both_runs_params_and_experiment_tag(served):
 def test_server_serves_metric_histories(served):
     base, run_ids = served
     for exp_name, run_id in run_ids.items():
-        hist = api(base, "metrics/get-history", {"run_id": run_id, "metric_key": "val_loss"})["metrics"]
+        hist = api(base, "metrics/get-history", {"run_id": run_id, "metric_key": "curves/val_loss"})["metrics"]
         ctx = CONTEXT_DIMS[exp_name]
         assert [m["step"] for m in hist] == [0, 1, 2]
         assert [m["value"] for m in hist] == pytest.approx([3.0 - s * ctx / 100 for s in range(3)])

@@ -190,7 +190,7 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     assert new.data.tags["dvc.exp_name"] == "lr2" and new.info.run_name == "sweep/phase2_train/lr0.03:lr2"
     assert new.data.params["lr"] == "0.03" and new.data.params["context_dim"] == "16"
     assert [m.step for m in MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(
-        new.info.run_id, "val_loss")] == [1, 2]
+        new.info.run_id, "curves/val_loss")] == [1, 2]
 
     # A New-LLM size param makes New-LLM's, the controls' and the budget's cells stale (the baselines follow
     # the budget file they are sized by); the data stages never rerun for a model param.

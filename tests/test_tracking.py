@@ -47,10 +47,11 @@ def test_stage_run_logs_params_curves_tags_and_writes_dvc_files(store, monkeypat
     assert r.info.status == "FINISHED" and r.info.run_name == "phase1/seed0:exp-ctx512"
     assert r.data.params["phase1.lr"] == "0.002" and r.data.params["context_dim"] == "256"
     assert "phase2.streams" not in r.data.params  # only what the stage reads
-    assert [m.value for m in client.get_metric_history(r.info.run_id, "loss")] == [1.0, 0.5, 1 / 3]
+    assert [m.value for m in client.get_metric_history(r.info.run_id, "phase1/loss")] == [1.0, 0.5, 1 / 3]
     assert r.data.tags["dvc.stage"] == "phase1/seed0" and r.data.tags["dvc.exp_name"] == "exp-ctx512"
     assert r.data.tags["params_hash"] == params_hash(params, "phase1/seed0")
-    assert r.data.metrics["final.params_total"] == 123
+    assert r.data.metrics["summary/params_total"] == 123
+    assert {"phase1/loss", "phase1/er_pct", "summary/er_pct"} <= set(r.data.metrics)  # chart-view sections
     assert json.loads(Path("reports/metrics/phase1/seed0.json").read_text()) == {"er_pct": 20.0, "params_total": 123}
     assert Path("reports/plots/phase1/seed0.csv").read_text().splitlines()[0] == "step,loss,er_pct"
     exp = client.get_experiment_by_name("t")
@@ -134,8 +135,8 @@ def test_sync_replays_files_once(store):
     assert tracking.sync(params, [cell, "tokenize"]) == []
     client, runs = _runs(uri)
     assert len(runs) == 1 and runs[0].data.tags["newllm.synced"] == "true"
-    assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [3.0, 2.5]
-    assert runs[0].data.metrics["final.val_ppl"] == 12.5
+    assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "curves/val_loss")] == [3.0, 2.5]
+    assert runs[0].data.metrics["summary/val_ppl"] == 12.5
     assert runs[0].data.params["seed"] == "1"  # the cell's seed, not params.yaml's
     assert runs[0].data.params["lr"] == "0.003"  # the lr it was trained with, as the stage itself logs it
 
@@ -188,7 +189,7 @@ def test_speed_figures_go_to_the_timing_file_not_the_metrics_file(store):
     assert json.loads(Path(f"reports/timing/{CELL}.json").read_text()) == {"tokens_per_s": 1234.5,
                                                                           "train_wall_time_s": 2.0}
     _, (r,) = _runs(uri)
-    assert r.data.metrics["final.tokens_per_s"] == 1234.5  # MLflow keeps both
+    assert r.data.metrics["summary/tokens_per_s"] == 1234.5  # MLflow keeps both
 
 
 def test_a_run_logs_its_token_cache_as_mlflow_datasets(store, tmp_path: Path):

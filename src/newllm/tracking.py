@@ -37,6 +37,21 @@ PARENT_ID_TAG = "mlflow.parentRunId"  # MLflow's own nesting: the UI folds a sta
 # Final values that are measurements of speed, not results: written to the stage's timing file (dvc.yaml)
 # instead of its metrics file, so `dvc exp show --only-changed` and `dvc metrics diff` show results only.
 TIMING_KEYS = ("tokens_per_s", "train_wall_time_s", "context_cache_s", "wall_time_s")
+# MLflow's chart view puts a metric in the section named by its prefix before "/", sections in alphabetical
+# order: "curves/" (train/val loss, PPL, accuracy: the same keys for every model, so one chart overlays
+# them) opens the view, then "phase1/", "schedule/" (lr), "summary/" (final values), "time/". DVC's files
+# keep the plain names.
+STEP_TIMING = ("epoch_time_s", "tokens_per_s", "step_time_s", "time_s")
+SUMMARY = "summary/"
+
+
+def metric_key(stage: str, key: str) -> str:
+    """The MLflow name of a per-step value of `stage` (see the section order above)."""
+    if key in STEP_TIMING:
+        return f"time/{key}"
+    if key == "lr":
+        return "schedule/lr"
+    return f"phase1/{key}" if stage.startswith("phase1/") else f"curves/{key}"
 
 
 class TrackingError(PipelineError):
@@ -302,7 +317,8 @@ class StageRun:
 
         self.curve.append({"step": step, **values})
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in _numeric(values).items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(metric_key(self.stage, k), v, ts, step)
+                                                    for k, v in _numeric(values).items()])
 
     def log_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.run_id, figure, f"figures/{name}")
@@ -450,7 +466,7 @@ def _final_metrics(metrics: dict[str, Any]) -> list[Any]:
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    return [Metric(f"final.{k}", v, ts, 0) for k, v in _numeric(metrics).items()]
+    return [Metric(f"{SUMMARY}{k}", v, ts, 0) for k, v in _numeric(metrics).items()]
 
 
 def log_compare(params: Params, table: Any, markdown: Path, figure: Path) -> str:
@@ -528,7 +544,7 @@ def sync(params: Params, records: list[str] | None = None) -> list[str]:
                     step = int(float(row.pop("step", 0) or 0))
                     for k, v in row.items():
                         with contextlib.suppress(TypeError, ValueError):
-                            batch.append(Metric(k, float(v), ts, step))
+                            batch.append(Metric(metric_key(stage, k), float(v), ts, step))
                 for i in range(0, len(batch), 1000):
                     client.log_batch(run_id, metrics=batch[i:i + 1000])
             client.log_batch(run_id, metrics=_final_metrics(final))

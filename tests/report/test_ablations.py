@@ -132,7 +132,7 @@ def test_compare_through_a_sqlite_store_and_the_cli(tmp_path: Path, monkeypatch,
     # every stage run is nested under its DVC experiment's parent, named by what it changed
     parents = df[df["stage"].isna()]
     assert len(parents) >= 1 and parents["run_name"].str.len().gt(0).all()
-    assert {"params.context_dim", "params.lr", "metrics.final.val_ppl"} <= set(df.columns)
+    assert {"params.context_dim", "params.lr", "metrics.summary/val_ppl"} <= set(df.columns)
     g = group_ablations(df)
     assert list(g["ablation"]) == ["context_dim=32", "context_dim=16"]
     assert list(g["n_seeds"]) == [2, 2] and list(g["seeds"]) == [["0", "1"], ["0", "1"]]

@@ -1,7 +1,7 @@
 """`newllm compare`: the ablation table and figure over the MLflow runs of the training stages.
 
 Every `dvc exp run -S key=value` leaves one MLflow run per stage that reran (named `<stage>:<exp>`, params
-logged flat, final metrics as `final.<key>`). This module reads those runs back, keeps the FINISHED runs
+logged flat, final metrics as `summary/<key>`, `final.<key>` in runs logged before). This module reads those runs back, keeps the FINISHED runs
 of the training stages (the newest per stage, params hash and experiment: re-runs and `newllm sync`
 replays count once), finds per model the params that differ across its runs (`seed` excluded: seeds are
 replicates) and reports val PPL / val loss mean ± std over the seeds of each ablation:
@@ -36,7 +36,7 @@ REPLICATE_PARAMS = ("seed",)  # differ across runs without making an ablation
 # A protocol cell's own param: runs that differ in it are never pooled as seeds, even against runs from
 # before the sweep that did not log it (grouped as "(unset)").
 CELL_PARAMS = ("lr",)
-METRICS = ("val_ppl", "val_loss", "params_total")  # read from `final.<key>`
+METRICS = ("val_ppl", "val_loss", "params_total")  # read from `summary/<key>` (older runs: `final.<key>`)
 BASELINE_LABEL = "(none: all runs share params)"
 UNSET = "(unset)"
 MD_NAME, FIGURE_NAME = "ablations.md", "figures/ablations.png"
@@ -125,6 +125,15 @@ def _stats(values: pd.Series) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
 
 
+def _final(g: pd.DataFrame, key: str) -> pd.Series | None:
+    """A final metric per run: `summary/<key>`, or `final.<key>` for a run logged before the rename."""
+    cols = [c for c in (f"metrics.summary/{key}", f"metrics.final.{key}") if c in g]
+    if not cols:
+        return None
+    values = g[cols[0]]
+    return values.fillna(g[cols[1]]) if len(cols) == 2 else values
+
+
 def group_ablations(df: pd.DataFrame, ignore: Iterable[str] = REPLICATE_PARAMS) -> pd.DataFrame:
     """Group the runs of `load_runs` (or any frame with its columns) into ablations.
 
@@ -155,10 +164,10 @@ def group_ablations(df: pd.DataFrame, ignore: Iterable[str] = REPLICATE_PARAMS) 
                 "run_ids": list(g["run_id"]) if "run_id" in g else [],
             }
             for key in ("val_ppl", "val_loss"):
-                col = f"metrics.final.{key}"
-                row[f"{key}_mean"], row[f"{key}_std"] = _stats(g[col]) if col in g else (math.nan, math.nan)
-            sizes = pd.to_numeric(g["metrics.final.params_total"], errors="coerce").dropna() \
-                if "metrics.final.params_total" in g else pd.Series(dtype=float)
+                values = _final(g, key)
+                row[f"{key}_mean"], row[f"{key}_std"] = _stats(values) if values is not None else (math.nan, math.nan)
+            sizes = _final(g, "params_total")
+            sizes = pd.to_numeric(sizes, errors="coerce").dropna() if sizes is not None else pd.Series(dtype=float)
             row["params_total"] = int(sizes.median()) if not sizes.empty else None
             out.append(row)
     columns = ["model", "stage", "ablation", "ablation_params", "n_seeds", "seeds", "exps", "run_ids",
