@@ -186,7 +186,13 @@ def ablation_label(changed: dict[str, tuple[Any, Any]] | None) -> str:
 def experiment_parent(client: Any, exp_id: str, params: Params) -> tuple[str, str]:
     """The parent run of this DVC experiment (the workspace included): found by what it changed against
     its baseline commit, else created (named by it, the changed params logged as its params, FINISHED at
-    once: it holds no work of its own). Returns (its run id, its label)."""
+    once: it holds no work of its own). Returns (its run id, its label). Under the store's lock: two queue
+    workers of one experiment must not both create it."""
+    with _store_lock(tracking_uri(params)):
+        return _find_or_create_parent(client, exp_id, params)
+
+
+def _find_or_create_parent(client: Any, exp_id: str, params: Params) -> tuple[str, str]:
     import hashlib
 
     rev, changed = changed_vs_baseline(params)
@@ -390,8 +396,7 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     client, exp_id = init_store(params)
     for run_id in end_orphans(client, exp_id, stage, keep=saved and saved["run_id"]):
         print(f"{stage}: ended MLflow run {run_id} KILLED (its process is gone)", file=sys.stderr)
-    with _store_lock(tracking_uri(params)):
-        parent_id, label = experiment_parent(client, exp_id, params)
+    parent_id, label = experiment_parent(client, exp_id, params)
     tags = {**run_tags(params, stage), PARENT_ID_TAG: parent_id, CHANGED_TAG: label}
     if saved and _reattach(client, exp_id, saved["run_id"], tags):
         run_id = saved["run_id"]
@@ -473,8 +478,7 @@ def log_compare(params: Params, table: Any, markdown: Path, figure: Path) -> str
     """`newllm compare`'s table (MLflow's log_table, so the UI's evaluation view can read it) and figure, in
     a run of their own named `compare:<exp>` under the experiment's parent. Returns its id."""
     client, exp_id = init_store(params)
-    with _store_lock(tracking_uri(params)):
-        parent_id, label = experiment_parent(client, exp_id, params)
+    parent_id, label = experiment_parent(client, exp_id, params)
     run_id = client.create_run(exp_id, run_name=f"compare:{dvc_exp_name()}", tags={
         "dvc.stage": "compare", "dvc.exp_name": dvc_exp_name(), PARENT_ID_TAG: parent_id, CHANGED_TAG: label,
         "mlflow.source.git.commit": git_commit()}).info.run_id
@@ -513,8 +517,7 @@ def sync(params: Params, records: list[str] | None = None) -> list[str]:
     declared = stages(params)
     client, exp_id = init_store(params)
     end_orphans(client, exp_id)  # store-wide
-    with _store_lock(tracking_uri(params)):
-        parent_id, label = experiment_parent(client, exp_id, params)
+    parent_id, label = experiment_parent(client, exp_id, params)
     created = []
     for stage in records or list(declared):
         metrics_file, plot = declared[stage].metrics_file, declared[stage].plots_file

@@ -81,17 +81,22 @@ def sliding_windows(n: int, window: int) -> Iterator[tuple[int, int, int]]:
         start += stride
 
 
-def detach_state(state: Any) -> Any:
-    """Cut the graph at the window boundary (truncated BPTT), whatever the state's nesting."""
+def map_state(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """`fn` applied to every tensor of a model state (None, a tensor, or tuples/lists/dicts of them)."""
     if state is None:
         return None
     if isinstance(state, Tensor):
-        return state.detach()
+        return fn(state)
     if isinstance(state, (tuple, list)):
-        return type(state)(detach_state(s) for s in state)
+        return type(state)(map_state(s, fn) for s in state)
     if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
-    raise TypeError(f"cannot detach a model state of type {type(state).__name__}")
+        return {k: map_state(v, fn) for k, v in state.items()}
+    raise TypeError(f"cannot handle a model state of type {type(state).__name__}")
+
+
+def detach_state(state: Any) -> Any:
+    """Cut the graph at the window boundary (truncated BPTT), whatever the state's nesting."""
+    return map_state(state, Tensor.detach)
 
 
 # ----------------------------------------------------------------------------------------------- device
@@ -299,7 +304,7 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
         t0 = time.perf_counter()
         model.train()
         # every epoch starts from an empty state (a mid-epoch resume from the saved one)
-        state = detach_state(_to(loop["carry"], device)) if first else None
+        state = map_state(loop["carry"], lambda t: t.to(device).detach()) if first else None
         sum_loss = torch.tensor(loop["sum_loss"] if first else 0.0, dtype=torch.float64, device=device)
         n_tok = loop["n_tok"] if first else 0
         bar = tqdm(spans[first:], desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=first, total=len(spans),
@@ -369,14 +374,3 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
         wall_time_s=time.perf_counter() - t_start, train_tokens=loop["train_tokens"], steps=loop["steps"],
         tokens_per_s=loop["train_tokens"] / max(loop["train_time"], 1e-9), device=str(device),
         best_state=best_state)
-
-
-def _to(state: Any, device: torch.device) -> Any:
-    """A carried model state (tensor, tuple, dict or None) moved to `device`."""
-    if isinstance(state, Tensor):
-        return state.to(device)
-    if isinstance(state, (tuple, list)):
-        return type(state)(_to(s, device) for s in state)
-    if isinstance(state, dict):
-        return {k: _to(v, device) for k, v in state.items()}
-    return state
