@@ -4,6 +4,7 @@
 """
 
 import sys
+from pathlib import Path
 
 from newllm.pipeline import run_stage
 
@@ -12,6 +13,11 @@ SEED = int(sys.argv[2]) if len(sys.argv) == 3 and sys.argv[1] == "--seed" and sy
 
 def seed_of(params) -> int:
     return params.seed if SEED is None else SEED
+
+
+def scratch(params) -> Path:
+    """Where Phase 1's iterate goes when it is too large for RAM (git- and DVC-ignored, removed at the end)."""
+    return Path("data/tmp") / f"phase1_seed{seed_of(params)}"
 
 
 def precheck(params) -> None:
@@ -27,6 +33,8 @@ def precheck(params) -> None:
 
 
 def main(params, run) -> None:
+    import shutil
+
     import torch
 
     from newllm.data.token_cache import load_cache
@@ -47,9 +55,12 @@ def main(params, run) -> None:
 
     train = torch.from_numpy(cache.train.astype("int64"))
     val = torch.from_numpy(cache.val.astype("int64"))
-    result = train_phase1(model, train, params.phase1, seed=seed, val_ids=val, on_iteration=on_iteration,
-                          device=params.device, resume=run.resumed, on_checkpoint=run.save_resume,
-                          checkpoint_every_s=resume.EVERY_S)
+    try:
+        result = train_phase1(model, train, params.phase1, seed=seed, val_ids=val, on_iteration=on_iteration,
+                              device=params.device, resume=run.resumed, on_checkpoint=run.save_resume,
+                              checkpoint_every_s=resume.EVERY_S, scratch=scratch(params))
+    finally:  # a kill -9 leaves it; the next run overwrites it
+        shutil.rmtree(scratch(params), ignore_errors=True)
     history = [{"iteration": k, **m} for k, m in enumerate(result.history)]  # a resume's included
     frozen = {k: v for k, v in model.state_dict().items() if k.startswith(("embedding.", "context_block."))}
     checkpoint.save(run.declared.outs[0], frozen, context_hparams(params, cache.vocab_size))

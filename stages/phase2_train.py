@@ -14,32 +14,14 @@ from newllm.pipeline import run_cell
 
 NAME = sys.argv[1] if len(sys.argv) > 1 else ""
 CELL = sys.argv[2:]
-TMP = Path("data/tmp") / "_".join([NAME, *CELL, "contexts"])  # disk-backed context caches, removed at the end
-
-
-def context_storage(shape: tuple[int, ...], split: str):
-    """None (a plain in-memory tensor) when the cache fits in half the free RAM; otherwise a disk-backed
-    memmap under data/tmp/, filled chunk by chunk by compute_contexts (same numbers either way)."""
-    import os
-
-    import numpy as np
-    import torch
-
-    need = 4 * int(np.prod(shape))
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need < free // 2:
-        return None
-    TMP.mkdir(parents=True, exist_ok=True)
-    print(f"phase2_train: {split} contexts need {need / 2**30:.1f} GiB, more than half the free RAM: "
-          f"kept on disk in {TMP}")
-    return torch.from_numpy(np.lib.format.open_memmap(TMP / f"{split}_contexts.npy", mode="w+",
-                                                      dtype=np.float32, shape=shape))
+TMP = Path("data/tmp") / "_".join([NAME, *CELL, "contexts"])  # caches too large for RAM, removed at the end
 
 
 def main(params, run, cell) -> None:
     import torch
 
     from newllm.config import NEWLLM_KEYS, stages
+    from newllm.data.disk_array import scratch_tensor
     from newllm.data.token_cache import load_cache
     from newllm.models import factory
     from newllm.models.cvfp import NewLLM, Phase2Model
@@ -79,9 +61,13 @@ def main(params, run, cell) -> None:
         if not ids.numel():
             continue
         streams = params.phase2.streams if split == "train" else params.eval_batch_size
+        if split == "train" and params.phase2.max_tokens:  # only the prefix the trainer reads
+            ids = ids[: params.phase2.max_tokens]
         if split != "train":
             ids = ids[: len(ids) // streams * streams]
-        storage = context_storage(context_cache_shape(llm, len(ids), streams), split)
+        storage = scratch_tensor(context_cache_shape(llm, len(ids), streams), path=TMP / f"{split}.bin")
+        if not isinstance(storage, torch.Tensor):
+            print(f"phase2_train: {split} contexts ({storage.numel() * 4 / 2**30:.1f} GiB) kept on disk in {TMP}")
         extras[split] = {"contexts": compute_contexts(llm, ids, streams=streams, device=device, out=storage)}
     cache_s = time.perf_counter() - t0
     run.log_params({"lr": cell.lr})

@@ -83,6 +83,8 @@ class Phase1Config:
     train_last_gain: bool = knob()
     streams: int = knob(lo=1)
     max_tokens: int = knob(lo=0)  # 0 = the whole train stream
+    # positions per batched pass (over all streams; 0 = all at once): memory is O(chunk), the update the same
+    chunk_tokens: int = knob(lo=0)
     er_max_rows: int = knob(lo=2)
 
 

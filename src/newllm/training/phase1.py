@@ -53,6 +53,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -60,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from newllm.config import Phase1Config
+from newllm.data.disk_array import scratch_tensor
 from newllm.models.cvfp import NewLLM
 from newllm.training.metrics import convergence_rate, effective_rank
 from newllm.training.trainer import autocast, check_finite, resolve_device
@@ -82,7 +84,7 @@ class Phase1Result:
     wall_time_s: float  # the whole call, final checks included
     train_tokens: int  # S * N positions trained on
     streams: int
-    contexts: Tensor = field(repr=False)  # (S, N, Dc) final last-layer contexts, CPU
+    contexts: Tensor | None = field(repr=False)  # (S, N, Dc) final last-layer contexts, CPU (None: on disk)
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -150,8 +152,8 @@ def compute_contexts(model: NewLLM, ids: Tensor, streams: int = 1, chunk: int = 
     batch, each starting from zero; S = 1 is the single-stream recurrence. `chunk` bounds the positions
     embedded at a time (memory), the context being carried across chunks; `dtype` is the stored dtype
     (bf16 halves the cache; Phase2Model casts it back). `out` (shape `context_cache_shape`) is storage
-    to fill instead of a new in-memory tensor, e.g. a disk-backed memmap when the cache does not fit in
-    RAM: it is filled chunk by chunk, with the same numbers. Computed in fp32 on every device (no autocast):
+    to fill instead of a new in-memory tensor, e.g. a DiskArray when the cache does not fit in RAM: it is
+    filled chunk by chunk, with the same numbers. Computed in fp32 on every device (no autocast):
     under bf16 the rounding compounds along the recurrence (cos down to 0.91 against fp32 at D = 256 on
     an H100), and this loop is launch-bound on a GPU anyway.
     """
@@ -168,7 +170,7 @@ def compute_contexts(model: NewLLM, ids: Tensor, streams: int = 1, chunk: int = 
         out = torch.empty(shape, dtype=dtype)
     elif out.shape != (S * n, *shape[2:]):
         raise ValueError(f"out has shape {tuple(out.shape)}, want {(S * n, *shape[2:])} (context_cache_shape)")
-    out = out.view(shape)
+    out = out.reshape(shape)  # a view of a Tensor; a DiskArray is written slab by slab
     c = None
     for s in range(0, n, chunk):
         ctx, c = model.sequential_contexts(grid[:, s:s + chunk].to(device), initial=c)
@@ -187,8 +189,14 @@ def parallel_iteration(model: NewLLM, streams: Tensor, prev: Tensor, first: Firs
     """One training forward of a Jacobi iteration, with grad: streams (S, N), prev (S, N, Dc) ->
     (inputs, C), each (S*N, Dc): the (noisy) input contexts shift(prev) and the last layer's outputs, fp32."""
     inputs = add_noise(shift_contexts(prev, first), noise, gen)
+    return inputs, block_outputs(model, streams, inputs)
+
+
+def block_outputs(model: NewLLM, streams: Tensor, inputs: Tensor) -> Tensor:
+    """streams (S, N) and their input contexts (S, N, Dc) -> the last layer's outputs (S*N, Dc), fp32, under
+    the training autocast: the parallel pass Phase 1 trains and checks."""
     with autocast(streams.device):
-        return inputs, _parallel_outputs(model, streams, inputs)[-1].float()
+        return _parallel_outputs(model, streams, inputs)[-1].float()
 
 
 def sequential_iteration(model: NewLLM, streams: Tensor, prev: Tensor, first: FirstContext = "zero",
@@ -220,6 +228,10 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list[Tensor], loss: Tenso
     """One backward + clipped Adam step -> the gradient norm before clipping (grad_clip 0 = off)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    return clip_and_step(opt, params, grad_clip)
+
+
+def clip_and_step(opt: torch.optim.Optimizer, params: list[Tensor], grad_clip: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     opt.step()
     return norm.item()
@@ -240,6 +252,105 @@ def iteration_metrics(losses: tuple[Tensor, Tensor, Tensor], grad_norm: float, C
             "convergence_rate": convergence_rate(C, P, cfg.convergence_threshold), "step_time_s": step_time}
 
 
+# ----------------------------------------------------------------------------------------------- chunks
+# A corpus too large for one batched pass goes through in chunks of positions (cfg.chunk_tokens over all
+# streams). The iterate P lives in `scratch_tensor` storage (on disk when large) and is updated in place,
+# chunk by chunk, left to right: the one context a chunk needs from before it, P[:, a-1], is carried.
+def chunk_spans(n: int, size: int) -> list[tuple[int, int]]:
+    """[a, b) position ranges of length `size` (the last shorter) covering [0, n)."""
+    return [(a, min(a + size, n)) for a in range(0, n, max(1, size))]
+
+
+def iterate_chunks(P, spans: list[tuple[int, int]], first: FirstContext, device: torch.device):
+    """For each chunk [a, b) of an iterate P (S, N, Dc) -> (a, b, inputs, old): old = P[:, a:b] and inputs its
+    shift (position t gets P[:, t-1]; a stream start zero or, "wrap", P[:, N-1]), both (S, b-a, Dc) on
+    `device` and read before the caller may overwrite P[:, a:b]."""
+    S, N, Dc = P.shape
+    carry = (P[:, N - 1:N] if first == "wrap" else torch.zeros(S, 1, Dc)).to(device).clone()
+    for a, b in spans:
+        old = P[:, a:b].to(device)
+        inputs, next_carry = torch.cat([carry, old[:, :-1]], dim=1), old[:, -1:].clone()  # before the caller
+        yield a, b, inputs, old  # may overwrite P[:, a:b] (old is then a view of the new values)
+        carry = next_carry
+
+
+@torch.no_grad()
+def exact_chunks(model: NewLLM, streams: Tensor, spans: list[tuple[int, int]]):
+    """The exact recurrence over streams (S, N), chunk by chunk with the context carried ->
+    (a, b, last-layer contexts (S, b-a, Dc)). fp32 (see sequential_pass)."""
+    c = None
+    for a, b in spans:
+        ctx, c = model.sequential_contexts(streams[:, a:b], initial=c)
+        yield a, b, ctx[..., -1, :]
+
+
+class RowSample:
+    """The rows `effective_rank(C.reshape(-1, Dc), max_rows, gen)` would draw from an (S, N, Dc) C (the same
+    draw from `gen`), gathered chunk by chunk, so a chunked ER equals the one-pass ER."""
+
+    def __init__(self, S: int, N: int, Dc: int, max_rows: int, gen: torch.Generator):
+        idx = torch.randperm(S * N, generator=gen)[:max_rows] if S * N > max_rows else torch.arange(S * N)
+        self.s, self.t, self.rows = idx // N, idx % N, torch.empty(len(idx), Dc)
+
+    def add(self, a: int, b: int, C: Tensor) -> None:
+        m = (self.t >= a) & (self.t < b)
+        self.rows[m] = C[self.s[m].to(C.device), (self.t[m] - a).to(C.device)].float().cpu()
+
+    def er(self, max_rows: int) -> tuple[float, float]:
+        return effective_rank_pct(self.rows, max_rows, None)
+
+
+def chunked_step(model: NewLLM, streams: Tensor, P, P0, spans: list[tuple[int, int]], cfg: Phase1Config,
+                 gen: torch.Generator, opt: torch.optim.Optimizer, params: list[Tensor], where: str,
+                 last_loss: float, last: RowSample | None = None) -> tuple[tuple[float, float, float], float, int]:
+    """One optimiser step of a parallel iteration over every position, a chunk at a time, equal to the
+    one-pass step up to float error -> ((cvfp, diversity, total), grad norm, converged positions).
+
+    The diversity term -||C - mean C||_F / T couples all positions, but its gradient is local once mean C
+    (mu) and the norm are known: -(C_t - mu) / (norm * T). So pass A (no grad) gathers mu, the norm and the
+    cvfp error; pass B reruns each chunk with grad, from the same noise, and backpropagates the loss whose
+    gradient is the full-batch one. With `last` (the iteration's last step), pass B also writes C over P
+    (in place, its metrics' rows into `last`) and counts the positions within the convergence threshold.
+    """
+    S, N = streams.shape
+    T, Dc, w, device = S * N, model.context_dim, cfg.dist_reg_weight, streams.device
+    noise_state = gen.get_state()
+
+    def outputs(a: int, b: int, inputs: Tensor) -> Tensor:
+        return block_outputs(model, streams[:, a:b], add_noise(inputs, cfg.noise, gen)).reshape(S, b - a, Dc)
+
+    def target(a: int, b: int, old: Tensor) -> Tensor:
+        return P0[:, a:b].to(device) if cfg.target == "fixed" else old
+
+    total, sq, err = torch.zeros(Dc, dtype=torch.float64, device=device), 0.0, 0.0
+    with torch.no_grad():
+        for a, b, inputs, old in iterate_chunks(P, spans, cfg.first_context, device):
+            C = outputs(a, b, inputs).double()
+            total += C.sum(dim=(0, 1))
+            sq += C.pow(2).sum().item()
+            err += (C - target(a, b, old)).pow(2).sum().item()
+    mu = (total / T).float()
+    norm = math.sqrt(max(sq - T * (total / T).pow(2).sum().item(), 0.0))
+    cvfp, diversity = err / (T * Dc), -norm / T
+    losses = (cvfp, diversity, (1.0 - w) * cvfp + w * diversity)
+    check_finite(losses[2], where, last_loss)
+
+    gen.set_state(noise_state)  # pass B draws pass A's noise
+    opt.zero_grad(set_to_none=True)
+    converged = 0
+    for a, b, inputs, old in iterate_chunks(P, spans, cfg.first_context, device):
+        C = outputs(a, b, inputs)
+        div_grad = (C.detach() - mu) / (norm * T) if norm > 0 else torch.zeros_like(C)
+        loss = (1.0 - w) * (C - target(a, b, old)).pow(2).sum() / (T * Dc) - w * (C * div_grad).sum()
+        loss.backward()
+        if last is not None:
+            C = C.detach()
+            converged += int(((C - old).pow(2).mean(dim=-1) < cfg.convergence_threshold).sum())
+            last.add(a, b, C)
+            P[:, a:b] = C
+    return losses, clip_and_step(opt, params, cfg.grad_clip), converged
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -251,7 +362,7 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
                  device: str | torch.device = "auto", check_sequential: bool = True,
                  resume: dict[str, Any] | None = None,
                  on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                 checkpoint_every_s: float = 60.0) -> Phase1Result:
+                 checkpoint_every_s: float = 60.0, scratch: str | Path | None = None) -> Phase1Result:
     """Train model.context_block (+ the embedding's trainable parameters) in place, on `device` (the
     model is moved there); see the module doc.
 
@@ -261,6 +372,11 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     step_time_s (forward + backward + optimiser steps only). After training: val ER (one sequential pass
     over val_ids, same stream layout) and `sequential_cosine` (skipped, NaN, with check_sequential=False).
     `seed` seeds the input noise and the ER row subsampling; the weights are the caller's.
+
+    Chunks: with more than cfg.chunk_tokens positions (parallel mode), every pass runs a chunk at a time
+    (`chunked_step`), the same update up to float error (with noise 0: the chunks draw their noise
+    separately), and the iterates go to disk under `scratch` when large (`scratch_tensor`): memory is
+    O(chunk). Such a run keeps no resume checkpoint (its iterate is the size of the corpus): it restarts.
 
     A non-finite loss or gradient norm raises Diverged in the step it appears. Resume: `on_checkpoint(state)`
     gets the whole state after an iteration once `checkpoint_every_s` passed since the last save;
@@ -272,6 +388,9 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     ids = train_ids[: cfg.max_tokens] if cfg.max_tokens else train_ids
     streams = split_streams(ids.long(), cfg.streams).to(device)  # (S, N)
     S, N, Dc = *streams.shape, model.context_dim
+    per_chunk = max(1, cfg.chunk_tokens // S) if cfg.chunk_tokens and cfg.mode == "parallel" else N
+    spans = chunk_spans(N, per_chunk)
+    chunked = len(spans) > 1
     noise_gen = torch.Generator(device=device).manual_seed(seed)
     er_gen = torch.Generator().manual_seed(seed)
     params = [p for m in (model.embedding, model.context_block) for p in m.parameters() if p.requires_grad]
@@ -280,11 +399,25 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
         params = [p for p in params if p is not gain]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     forward = parallel_iteration if cfg.mode == "parallel" else sequential_iteration
+    scratch = Path(scratch) if scratch is not None and chunked else None
 
     if resume is None:  # iteration 0: the exact recurrence, no learning -> P^(0)
         t0 = time.perf_counter()
-        P = P0 = sequential_pass(model, streams)[..., -1, :]  # (S, N, Dc)
-        er, er_pct = effective_rank_pct(P, cfg.er_max_rows, er_gen)
+        if chunked:
+            P = scratch_tensor((S, N, Dc), path=scratch and scratch / "P.bin", device=device)
+            rows = RowSample(S, N, Dc, cfg.er_max_rows, er_gen)
+            for a, b, exact in exact_chunks(model, streams, spans):
+                P[:, a:b] = exact
+                rows.add(a, b, exact)
+            er, er_pct = rows.er(cfg.er_max_rows)
+            P0 = None
+            if cfg.target == "fixed":
+                P0 = scratch_tensor((S, N, Dc), path=scratch and scratch / "P0.bin", device=device)
+                for a, b in spans:
+                    P0[:, a:b] = P[:, a:b]
+        else:
+            P = P0 = sequential_pass(model, streams)[..., -1, :]  # (S, N, Dc)
+            er, er_pct = effective_rank_pct(P, cfg.er_max_rows, er_gen)
         _sync(device)
         history = [{"er": er, "er_pct": er_pct, "time_s": time.perf_counter() - t0}]
         if on_iteration:
@@ -302,19 +435,34 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     converged = False
     for k in range(first, cfg.iterations):
         t0 = time.perf_counter()
-        target = (P0 if cfg.target == "fixed" else P).reshape(-1, Dc)
-        for step in range(cfg.steps_per_iteration):  # each a fresh forward from the same P, fresh noise
-            _, C = forward(model, streams, P, cfg.first_context, cfg.noise, noise_gen)
-            losses = cvfp_losses(C, target, cfg.dist_reg_weight)
-            check_finite(losses[2].item(), f"iteration {k} step {step + 1}", last_loss)
-            grad_norm = optimizer_step(opt, params, losses[2], cfg.grad_clip)
-            check_finite(grad_norm, f"iteration {k} step {step + 1} (gradient norm)", last_loss)
-            last_loss = losses[2].item()
-        C = C.detach().reshape(S, N, Dc)
-        _sync(device)
-        metrics = iteration_metrics(losses, grad_norm, C, P, cfg, er_gen, step_time=time.perf_counter() - t0)
+        if chunked:
+            for step in range(cfg.steps_per_iteration):  # each a fresh pass from the same P, fresh noise
+                last = RowSample(S, N, Dc, cfg.er_max_rows, er_gen) if step + 1 == cfg.steps_per_iteration else None
+                losses, grad_norm, n_conv = chunked_step(model, streams, P, P0, spans, cfg, noise_gen, opt, params,
+                                                         f"iteration {k} step {step + 1}", last_loss, last)
+                check_finite(grad_norm, f"iteration {k} step {step + 1} (gradient norm)", last_loss)
+                last_loss = losses[2]
+            _sync(device)
+            step_time = time.perf_counter() - t0
+            er, er_pct = last.er(cfg.er_max_rows)
+            metrics = {"cvfp_loss": losses[0], "diversity_loss": losses[1], "total_loss": losses[2],
+                       "grad_norm": grad_norm, "er": er, "er_pct": er_pct, "convergence_rate": n_conv / (S * N),
+                       "step_time_s": step_time}
+        else:
+            target = (P0 if cfg.target == "fixed" else P).reshape(-1, Dc)
+            for step in range(cfg.steps_per_iteration):  # each a fresh forward from the same P, fresh noise
+                _, C = forward(model, streams, P, cfg.first_context, cfg.noise, noise_gen)
+                losses = cvfp_losses(C, target, cfg.dist_reg_weight)
+                check_finite(losses[2].item(), f"iteration {k} step {step + 1}", last_loss)
+                grad_norm = optimizer_step(opt, params, losses[2], cfg.grad_clip)
+                check_finite(grad_norm, f"iteration {k} step {step + 1} (gradient norm)", last_loss)
+                last_loss = losses[2].item()
+            C = C.detach().reshape(S, N, Dc)
+            _sync(device)
+            metrics = iteration_metrics(losses, grad_norm, C, P, cfg, er_gen, step_time=time.perf_counter() - t0)
+            P = C  # the last step's outputs, carried on (never reset: bug 2)
         metrics["time_s"] = time.perf_counter() - t0
-        P, conv = C, metrics["convergence_rate"]  # the last step's outputs, carried on (never reset: bug 2)
+        conv = metrics["convergence_rate"]
         history.append(metrics)
         if on_iteration:
             on_iteration(k, metrics)
@@ -322,29 +470,38 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
         if k >= max(cfg.min_iterations, 2) and conv >= cfg.min_converged:
             converged = True
             break
-        if on_checkpoint is not None and time.monotonic() - last_save >= checkpoint_every_s:
+        if (on_checkpoint is not None and isinstance(P, Tensor)
+                and time.monotonic() - last_save >= checkpoint_every_s):
             on_checkpoint({"iteration": k, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "noise_rng": noise_gen.get_state(), "er_rng": er_gen.get_state(), "P": P, "P0": P0,
-                           "history": history, "convergence_rate": conv})
+                           "noise_rng": noise_gen.get_state(), "er_rng": er_gen.get_state(), "P": P,
+                           "P0": P if P0 is None else P0, "history": history, "convergence_rate": conv})
             last_save = time.monotonic()
 
     # Final checks, all with the final weights: P was made by the weights before the last step, so one
     # more (no-grad, noiseless) Jacobi step from it is what the trained block's parallel pass gives.
     cosine, train_er, train_er_pct = math.nan, history[-1]["er"], history[-1]["er_pct"]
     if check_sequential:  # how far the parallel contexts are from the exact recurrence's, same weights
-        exact = sequential_pass(model, streams)[..., -1, :]
+        cos_sum, rows = 0.0, RowSample(S, N, Dc, cfg.er_max_rows, er_gen)
         with torch.no_grad():
-            _, C = parallel_iteration(model, streams, P, cfg.first_context)
-        cosine = F.cosine_similarity(C.reshape(S, N, Dc), exact, dim=-1).mean().item()
-        train_er, train_er_pct = effective_rank_pct(exact, cfg.er_max_rows, er_gen)  # as val's: exact contexts
+            for (a, b, exact), (_, _, inputs, _) in zip(exact_chunks(model, streams, spans),
+                                                        iterate_chunks(P, spans, cfg.first_context, device),
+                                                        strict=True):
+                C = block_outputs(model, streams[:, a:b], inputs).reshape(S, b - a, Dc)
+                cos_sum += F.cosine_similarity(C, exact, dim=-1).mean().item() * (S * (b - a)) / (S * N)
+                rows.add(a, b, exact)
+        cosine = cos_sum
+        train_er, train_er_pct = rows.er(cfg.er_max_rows)  # as val's: exact contexts
     val_er = val_er_pct = None
     if val_ids is not None:
         val_streams = split_streams(val_ids.long(), max(1, min(cfg.streams, val_ids.numel()))).to(device)
-        val_er, val_er_pct = effective_rank_pct(sequential_pass(model, val_streams)[..., -1, :],
-                                                cfg.er_max_rows, er_gen)
+        Sv, Nv = val_streams.shape
+        rows = RowSample(Sv, Nv, Dc, cfg.er_max_rows, er_gen)
+        for a, b, exact in exact_chunks(model, val_streams, chunk_spans(Nv, max(1, per_chunk * S // Sv))):
+            rows.add(a, b, exact)
+        val_er, val_er_pct = rows.er(cfg.er_max_rows)
     _sync(device)
     return Phase1Result(
         iterations_run=len(history), converged=converged, history=history, train_er=train_er,
         train_er_pct=train_er_pct, convergence_rate=conv, sequential_cosine=cosine,
         val_er=val_er, val_er_pct=val_er_pct, wall_time_s=time.perf_counter() - t_start,
-        train_tokens=S * N, streams=S, contexts=P.cpu())
+        train_tokens=S * N, streams=S, contexts=P.cpu() if isinstance(P, Tensor) else None)

@@ -1,0 +1,182 @@
+"""WikiText-2 through every New-LLM stage at growing size: wall time and peak RSS per stage, their growth
+exponents against tokens, and New-LLM's cost against the matched Transformer's epoch (issue 10, items 1-2).
+
+A scratch copy of the pipeline (its own git, DVC repo and MLflow store) is tokenized once (BPE 8000 on the
+whole of WikiText-2); then, for each training-token count N (`phase1.max_tokens` = `train.max_tokens` = N,
+0 = the whole split), the real stage scripts run one after another, each in its own process, timed and
+measured by `os.wait4` (ru_maxrss: the process's peak resident set, page cache excluded):
+
+    phase1_cvfp        Phase 1 on N tokens (chunks of phase1.chunk_tokens, the iterate on disk when large)
+    phase2_train       the context cache (train, val, test) + one Phase 2 epoch on N tokens
+    train_baseline     the matched Transformer (param_budget sizes it), one epoch on the same N tokens
+
+Reading the ratio: New-LLM's training per epoch-equivalent is Phase 1 (all its iterations) + the context
+cache + one Phase 2 epoch, against one Transformer epoch; both from the stages' own timing files, training
+only (evaluation excluded) and whole stage walls.
+
+    .venv/bin/python benchmarks/wikitext_scale.py                           # 100k, 500k, 2M, all; CPU
+    .venv/bin/python benchmarks/wikitext_scale.py --tokens 100000 --device cuda
+    .venv/bin/python benchmarks/wikitext_scale.py --json reports/bench/wikitext_scale.json
+
+The settings (printed) are the study's: context_dim 512, embed_dim 256, 2 + 2 layers, 64 streams for
+Phase 1 and the cache (the independent streams batched), batch 16 x 32 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import yaml  # noqa: E402
+from helpers import SHARED_DATA, env, make_project, merge  # noqa: E402
+
+LR = 0.001
+
+
+def settings(data: Path, context_dim: int, iterations: int, device: str) -> dict:
+    return {
+        "device": device, "context_dim": context_dim, "embed_dim": 256, "context_layers": 2, "token_layers": 2,
+        "dataset": {"source": "wikitext2", "wikitext_dir": str(data)},
+        "tokenizer": {"kind": "bpe", "vocab_size": 8000, "lowercase": False},
+        "phase1": {"iterations": iterations, "min_iterations": iterations, "streams": 64, "chunk_tokens": 32768},
+        "phase2": {"streams": 64},
+        "train": {"epochs": 1, "batch_size": 16, "seq_len": 32, "patience": 0},
+        "eval_batch_size": 10,
+        "baselines": ["transformer"],
+        "transformer": {"n_layer": 2, "n_head": 4, "dropout": 0.1},
+        "protocol": {"lrs": [LR], "replicates": [1]},
+    }
+
+
+def measure(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
+    """Run cmd -> (wall seconds, peak RSS in GiB of the process and its children)."""
+    t0 = time.perf_counter()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(cmd)} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
+    return wall, usage.ru_maxrss / 2**20  # KiB -> GiB
+
+
+def set_params(proj: Path, over: dict) -> None:
+    path = proj / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), over), sort_keys=False))
+
+
+def timing(proj: Path, record: str) -> dict:
+    out = {}
+    for kind in ("metrics", "timing"):
+        path = proj / "reports" / kind / f"{record}.json"
+        if path.is_file():
+            out.update(json.loads(path.read_text()))
+    return out
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log y on log x: the growth exponent (1 = linear, 0 = flat)."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "wikitext-2", help="folder with WikiText-2's raw files")
+    ap.add_argument("--tokens", default="100000,500000,2000000,0", help="training-token counts (0 = all)")
+    ap.add_argument("--context-dim", type=int, default=512)
+    ap.add_argument("--iterations", type=int, default=10, help="Phase 1 iterations (the default params' 10)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch project folder (default: a temp dir)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    a = ap.parse_args()
+    if not (a.data / "train.txt").is_file():
+        sys.exit(f"no WikiText-2 at {a.data} (want train.txt, valid.txt, test.txt): pass --data")
+
+    root = Path(a.workdir or tempfile.mkdtemp(prefix="wikitext_scale_"))
+    shutil.rmtree(root / "proj", ignore_errors=True)
+    proj = make_project(root / "proj", settings(a.data.resolve(), a.context_dim, a.iterations, a.device))
+    log = root / "stages.log"
+    print(f"scratch project {proj}; stage output in {log}", flush=True)
+    print(f"settings: {json.dumps(settings(a.data, a.context_dim, a.iterations, a.device))}", flush=True)
+    py = sys.executable
+
+    rows = []
+    for name, cmd in (("validate", ["stages/validate.py"]), ("generate_dataset", ["stages/generate_dataset.py"]),
+                      ("tokenize", ["stages/tokenize_data.py"]), ("param_budget", ["stages/param_budget.py"])):
+        wall, rss = measure([py, *cmd], proj, log)
+        rows.append({"tokens": None, "stage": name, "wall_s": wall, "rss_gib": rss})
+        print(f"{name:>16}: {wall:7.1f} s  peak RSS {rss:5.2f} GiB", flush=True)
+    n_train = json.loads((proj / "data" / "tokens" / "meta.json").read_text())["tokens_train"]
+
+    sizes = [int(t) for t in a.tokens.split(",")]
+    for size in sizes:
+        n = min(size or n_train, n_train)
+        set_params(proj, {"phase1": {"max_tokens": size}, "train": {"max_tokens": size}})
+        for name, cmd, record in (
+                ("phase1_cvfp", ["stages/phase1_cvfp.py"], "phase1/seed0"),
+                ("phase2_train", ["stages/phase2_train.py", "newllm", "--lr", str(LR)], f"sweep/newllm/lr{LR}"),
+                ("transformer", ["stages/train_baseline.py", "transformer", "--lr", str(LR)],
+                 f"sweep/transformer/lr{LR}")):
+            wall, rss = measure([py, *cmd], proj, log)
+            t = timing(proj, record)
+            row = {"tokens": n, "stage": name, "wall_s": wall, "rss_gib": rss, **{k: t.get(k) for k in (
+                "tokens_per_s", "train_wall_time_s", "context_cache_s", "wall_time_s", "train_tokens",
+                "val_loss", "test_loss", "params_total", "sequential_cosine", "train_er_pct")}}
+            rows.append(row)
+            tps = "" if t.get("tokens_per_s") is None else f"{t['tokens_per_s']:,.0f} tok/s"
+            print(f"{n:>9,} {name:>13}: {wall:7.1f} s  peak RSS {rss:5.2f} GiB  {tps}", flush=True)
+            if a.json:
+                a.json.parent.mkdir(parents=True, exist_ok=True)
+                a.json.write_text(json.dumps({"settings": settings(a.data, a.context_dim, a.iterations, a.device),
+                                              "rows": rows}, indent=1) + "\n")
+
+    report(rows, a)
+
+
+def report(rows: list[dict], a: argparse.Namespace) -> None:
+    per = {}
+    for r in rows:
+        if r["tokens"] is not None:
+            per.setdefault(r["tokens"], {})[r["stage"]] = r
+    print(f"\n## WikiText-2, BPE 8000, context_dim {a.context_dim}, Phase 1 {a.iterations} iterations, "
+          f"device {a.device}\n")
+    print("| train tokens | stage | wall (s) | peak RSS (GiB) | tokens/s |")
+    print("|---:|---|---:|---:|---:|")
+    for r in rows:
+        tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
+        size = "all (once)" if r["tokens"] is None else f"{r['tokens']:,}"
+        print(f"| {size} | {r['stage']} | {r['wall_s']:.1f} | {r['rss_gib']:.2f} | {tps} |")
+    sizes = sorted(per)
+    if len(sizes) >= 2:
+        print("\n| stage | time exponent | memory exponent | peak RSS range (GiB) |")
+        print("|---|---:|---:|---|")
+        for stage in ("phase1_cvfp", "phase2_train", "transformer"):
+            walls = [per[n][stage]["wall_s"] for n in sizes]
+            rss = [per[n][stage]["rss_gib"] for n in sizes]
+            print(f"| {stage} | {slope(sizes, walls):.2f} | {slope(sizes, rss):.2f} | "
+                  f"{min(rss):.2f} - {max(rss):.2f} |")
+    print("\n| train tokens | New-LLM epoch-equivalent (s) | of which cache (s) | Transformer epoch (s) | "
+          "ratio (training) | ratio (stage walls) | cache share |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        p1, p2, tf = per[n]["phase1_cvfp"], per[n]["phase2_train"], per[n]["transformer"]
+        p2_epoch = p2["train_tokens"] / p2["tokens_per_s"]
+        tf_epoch = tf["train_tokens"] / tf["tokens_per_s"]
+        new = p1["wall_time_s"] + p2["context_cache_s"] + p2_epoch
+        print(f"| {n:,} | {new:.1f} | {p2['context_cache_s']:.1f} | {tf_epoch:.1f} | {new / tf_epoch:.2f} | "
+              f"{(p1['wall_s'] + p2['wall_s']) / tf['wall_s']:.2f} | {p2['context_cache_s'] / new:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
