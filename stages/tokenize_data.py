@@ -20,6 +20,8 @@ def main(params, run) -> None:
     splits = read_splits(DATASET)
     tok = tk.build_tokenizer(params.tokenizer, splits.train)
     streams = {s: tk.encode_lines(tok, getattr(splits, s)) for s in SPLITS}
+    if params.tokenizer.max_eval_tokens:  # a prefix of each, so every model is scored on the same tokens
+        streams.update({s: streams[s][: params.tokenizer.max_eval_tokens] for s in ("val", "test")})
     unk = tk.unk_id(tok)
     stats: dict[str, float] = {"vocab_size": tok.get_vocab_size()}
     for split, ids in streams.items():

@@ -54,6 +54,8 @@ class TokenizerConfig:
     min_frequency: int = knob(lo=1)  # word/bpe
     lowercase: bool = knob()  # word/char
     path: str | None = knob()  # gpt2: local folder with the pretrained tokenizer; None = HF cache
+    # val and test keep their first N tokens (0 = all): a cheaper evaluation, the same tokens for every model
+    max_eval_tokens: int = knob(lo=0)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class ReportConfig:
     top_k: int = knob(lo=1)
     temperature: float = knob(lo=0.0, lo_open=True)
     memory_lengths: list[int] = knob(lo=1)
+    context_window: int = knob(lo=2)  # context utilisation: test loss by position in windows of this length
     fixed_point_threshold: float = knob(lo=0.0, lo_open=True)
     fixed_point_max_steps: int = knob(lo=1)
 
@@ -118,6 +121,7 @@ class ProtocolConfig:
 class TrackingConfig:
     uri: str | None = knob()  # None: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db
     experiment: str = knob()
+    study: str | None = knob()  # a study's name (newllm study run sets it): every run is tagged newllm.study
 
 
 # The `train:` section: every TrainConfig key, for all models (a model section may override any).

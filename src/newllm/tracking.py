@@ -33,6 +33,7 @@ from newllm.training.resume import ResumeFile, dep_key
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens a model-training experiment on its runs
 PID_TAG, HOST_TAG, END_REASON_TAG = "newllm.pid", "newllm.host", "newllm.end_reason"
 PARENT_TAG, CHANGED_TAG = "newllm.parent_key", "newllm.changed"  # a DVC experiment's parent run; what it changed
+STUDY_TAG = "newllm.study"
 PARENT_ID_TAG = "mlflow.parentRunId"  # MLflow's own nesting: the UI folds a stage's run under its parent
 # Final values that are measurements of speed, not results: written to the stage's timing file (dvc.yaml)
 # instead of its metrics file, so `dvc exp show --only-changed` and `dvc metrics diff` show results only.
@@ -196,13 +197,14 @@ def _find_or_create_parent(client: Any, exp_id: str, params: Params) -> tuple[st
     import hashlib
 
     rev, changed = changed_vs_baseline(params)
-    label = ablation_label(changed)
+    # a study's cell changes a dozen keys: its experiment's name (`newllm study run` gives one) says it better
+    label = dvc_exp_name() if params.tracking.study else ablation_label(changed)
     key = hashlib.sha256(f"{rev}\n{label}".encode()).hexdigest()[:16]
     found = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id, label
     tags = {PARENT_TAG: key, CHANGED_TAG: label, "dvc.exp_name": dvc_exp_name(), "dvc.baseline_rev": rev,
-            "mlflow.source.git.commit": git_commit(),
+            "mlflow.source.git.commit": git_commit(), **study_tag(params),
             "mlflow.note.content": f"DVC experiment `{dvc_exp_name()}`; params against commit `{rev[:7]}`: {label}. "
                                    "Each stage that ran for it is a run nested under this one."}
     # the commit in the name: every commit has its own "baseline", and an ablation means nothing without it
@@ -219,9 +221,15 @@ def _store_lock(uri: str) -> Any:
             if uri.startswith("sqlite:///") else contextlib.nullcontext())
 
 
+def study_tag(params: Params) -> dict[str, str]:
+    """newllm.study, on every run of a study's experiments: the UI's filter `tags.newllm.study = '<name>'`."""
+    return {STUDY_TAG: params.tracking.study} if params.tracking.study else {}
+
+
 def run_tags(params: Params, stage: str) -> dict[str, str]:
     commit = git_commit()
     return {
+        **study_tag(params),
         # who runs it: a run left RUNNING by a process that is gone is ended by the next one (end_orphans)
         PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
         "dvc.stage": stage,
