@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -40,11 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import yaml  # noqa: E402
 from helpers import SHARED_DATA, env, make_project, merge  # noqa: E402
 
+from newllm.report.study import slope  # noqa: E402  (growth exponent: the log-log least-squares slope)
+
 LR = 0.001
 EVAL_TOKENS = 50_000  # val and test prefixes: the evaluation stays a fixed cost while training grows
 
 
-def settings(data: Path, context_dim: int, iterations: int, device: str) -> dict:
+def settings(data: Path, context_dim: int, iterations: int, device: str, baselines: list[str]) -> dict:
     return {
         "device": device, "context_dim": context_dim, "embed_dim": 256, "context_layers": 2, "token_layers": 2,
         "dataset": {"source": "wikitext2", "wikitext_dir": str(data)},
@@ -53,7 +54,7 @@ def settings(data: Path, context_dim: int, iterations: int, device: str) -> dict
         "phase2": {"streams": 64},
         "train": {"epochs": 1, "batch_size": 16, "seq_len": 32, "patience": 0},
         "eval_batch_size": 10,
-        "baselines": ["transformer"],
+        "baselines": baselines,
         "transformer": {"n_layer": 2, "n_head": 4, "dropout": 0.1},
         "protocol": {"lrs": [LR], "replicates": [1]},
     }
@@ -85,13 +86,6 @@ def timing(proj: Path, record: str) -> dict:
     return out
 
 
-def slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of log y on log x: the growth exponent (1 = linear, 0 = flat)."""
-    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=SHARED_DATA / "wikitext-2", help="folder with WikiText-2's raw files")
@@ -99,18 +93,20 @@ def main() -> None:
     ap.add_argument("--context-dim", type=int, default=512)
     ap.add_argument("--iterations", type=int, default=10, help="Phase 1 iterations (the default params' 10)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--baselines", default="transformer", help="matched baselines to time beside New-LLM (transformer,lstm)")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch project folder (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = ap.parse_args()
+    a.baselines = a.baselines.split(",")
     if not (a.data / "train.txt").is_file():
         sys.exit(f"no WikiText-2 at {a.data} (want train.txt, valid.txt, test.txt): pass --data")
 
     root = Path(a.workdir or tempfile.mkdtemp(prefix="wikitext_scale_"))
     shutil.rmtree(root / "proj", ignore_errors=True)
-    proj = make_project(root / "proj", settings(a.data.resolve(), a.context_dim, a.iterations, a.device))
+    proj = make_project(root / "proj", settings(a.data.resolve(), a.context_dim, a.iterations, a.device, a.baselines))
     log = root / "stages.log"
     print(f"scratch project {proj}; stage output in {log}", flush=True)
-    print(f"settings: {json.dumps(settings(a.data, a.context_dim, a.iterations, a.device))}", flush=True)
+    print(f"settings: {json.dumps(settings(a.data, a.context_dim, a.iterations, a.device, a.baselines))}", flush=True)
     py = sys.executable
 
     rows = []
@@ -127,20 +123,21 @@ def main() -> None:
         set_params(proj, {"phase1": {"max_tokens": size}, "train": {"max_tokens": size}})
         for name, cmd, record in (
                 ("phase1_cvfp", ["stages/phase1_cvfp.py"], "phase1/seed0"),
-                ("phase2_train", ["stages/phase2_train.py", "newllm", "--lr", str(LR)], f"sweep/newllm/lr{LR}"),
-                ("transformer", ["stages/train_baseline.py", "transformer", "--lr", str(LR)],
-                 f"sweep/transformer/lr{LR}")):
+                ("phase2_train", ["stages/phase2_train.py", "newllm", "--lr", str(LR)], f"sweep/phase2_train/lr{LR}"),
+                *((b, ["stages/train_baseline.py", b, "--lr", str(LR)], f"sweep/{b}/lr{LR}") for b in a.baselines)):
             wall, rss = measure([py, *cmd], proj, log)
             t = timing(proj, record)
             row = {"tokens": n, "stage": name, "wall_s": wall, "rss_gib": rss, **{k: t.get(k) for k in (
-                "tokens_per_s", "train_wall_time_s", "context_cache_s", "wall_time_s", "train_tokens",
+                "tokens_per_s", "train_wall_time_s", "context_cache_s", "wall_time_s", "train_tokens", "peak_gpu_bytes",
                 "val_loss", "test_loss", "params_total", "sequential_cosine", "train_er_pct")}}
             rows.append(row)
             tps = "" if t.get("tokens_per_s") is None else f"{t['tokens_per_s']:,.0f} tok/s"
+            if t.get("peak_gpu_bytes"):
+                tps += f"  peak GPU {t['peak_gpu_bytes'] / 2**30:.2f} GiB"
             print(f"{n:>9,} {name:>13}: {wall:7.1f} s  peak RSS {rss:5.2f} GiB  {tps}", flush=True)
             if a.json:
                 a.json.parent.mkdir(parents=True, exist_ok=True)
-                a.json.write_text(json.dumps({"settings": settings(a.data, a.context_dim, a.iterations, a.device),
+                a.json.write_text(json.dumps({"settings": settings(a.data, a.context_dim, a.iterations, a.device, a.baselines),
                                               "rows": rows}, indent=1) + "\n")
 
     report(rows, a)
@@ -153,17 +150,18 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
             per.setdefault(r["tokens"], {})[r["stage"]] = r
     print(f"\n## WikiText-2, BPE 8000, context_dim {a.context_dim}, Phase 1 {a.iterations} iterations, "
           f"device {a.device}\n")
-    print("| train tokens | stage | wall (s) | peak RSS (GiB) | tokens/s |")
-    print("|---:|---|---:|---:|---:|")
+    print("| train tokens | stage | wall (s) | peak RSS (GiB) | tokens/s | peak GPU (GiB) |")
+    print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
+        gpu = f"{r['peak_gpu_bytes'] / 2**30:.2f}" if r.get("peak_gpu_bytes") else "-"
         size = "all (once)" if r["tokens"] is None else f"{r['tokens']:,}"
-        print(f"| {size} | {r['stage']} | {r['wall_s']:.1f} | {r['rss_gib']:.2f} | {tps} |")
+        print(f"| {size} | {r['stage']} | {r['wall_s']:.1f} | {r['rss_gib']:.2f} | {tps} | {gpu} |")
     sizes = sorted(per)
     if len(sizes) >= 2:
         print("\n| stage | time exponent | memory exponent | peak RSS range (GiB) |")
         print("|---|---:|---:|---|")
-        for stage in ("phase1_cvfp", "phase2_train", "transformer"):
+        for stage in ("phase1_cvfp", "phase2_train", *a.baselines):
             walls = [per[n][stage]["wall_s"] for n in sizes]
             rss = [per[n][stage]["rss_gib"] for n in sizes]
             print(f"| {stage} | {slope(sizes, walls):.2f} | {slope(sizes, rss):.2f} | "

@@ -52,6 +52,10 @@ def main(params, run) -> None:
 
     def on_iteration(k: int, metrics: dict) -> None:
         run.log_step(metrics, step=k)
+        losses = "" if k == 0 else (f"total {metrics['total_loss']:.4f}, cvfp {metrics['cvfp_loss']:.3g}, "
+                                    f"converged {metrics['convergence_rate']:.1%}, ")
+        print(f"phase1 iteration {k}/{params.phase1.iterations - 1}: {losses}ER {metrics['er_pct']:.1f}%, "
+              f"{metrics['time_s']:.1f} s", flush=True)
 
     train = torch.from_numpy(cache.train.astype("int64"))
     val = torch.from_numpy(cache.val.astype("int64"))
@@ -75,6 +79,7 @@ def main(params, run) -> None:
         "train_tokens": result.train_tokens, "streams": result.streams,
         "wall_time_s": round(result.wall_time_s, 3),
         "params_context_block": count_params(model.context_block)[1], "seed": seed,
+        **({"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_initialized() else {}),
     }
     run.finish(final)
     print(f"phase1 seed {seed}: {result.iterations_run} iterations, train ER {result.train_er_pct:.1f}% "

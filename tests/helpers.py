@@ -29,7 +29,7 @@ TINY_PARAMS = {
     "transformer": {"n_layer": 1, "n_head": 2},
     "lstm": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
     "cvp": {"embed_dim": 16, "context_dim": 16, "hidden_dim": 16},
-    "report": {"memory_lengths": [64, 128], "max_new_tokens": 5},
+    "report": {"memory_lengths": [64, 128], "max_new_tokens": 5, "context_window": 16},
     "protocol": {"lrs": [0.01], "replicates": [1]},  # one lr, two seeds: each cell kind once
 }
 

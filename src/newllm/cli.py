@@ -148,6 +148,27 @@ def _plots_template(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from newllm import study
+    from newllm.errors import PipelineError
+
+    s = study.load_study(args.file)
+    if getattr(args, "data", None):
+        data = Path(args.data).resolve()
+        if not all((data / f).is_file() for f in ("train.txt", "valid.txt", "test.txt")):
+            raise PipelineError(f"--data {data}: want WikiText-2's raw files train.txt, valid.txt, test.txt there")
+        s.set["dataset.wikitext_dir"] = str(data)
+    if args.action == "run":
+        study.run_study(s, args.profile, args.cells.split(",") if args.cells else None)
+        return 0
+    from newllm.report.study import build_study_report
+
+    out = Path(args.out) / s.label(args.profile)
+    summary = build_study_report(s.label(args.profile), study.collect(s, args.profile), out)
+    print(f"study report of {len(summary['cells'])} cell(s): {out / 'study.html'} and {out / 'study.md'}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     load_params_or_exit(args.params)
     print(f"{args.params}: ok")
@@ -178,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, help="sampling seed (default: params seed)")
     gen.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     gen.set_defaults(fn=_generate)
+    st = sub.add_parser("study", help="run a study (one DVC experiment per cell) or write its report")
+    st.add_argument("action", choices=["run", "report"])
+    st.add_argument("file", help="the study definition, e.g. studies/wikitext2.yaml")
+    st.add_argument("--profile", required=True, help="the study's size: one of its profiles (cpu, gpu, ...)")
+    st.add_argument("--data", help="run: the WikiText-2 folder (sets dataset.wikitext_dir)")
+    st.add_argument("--cells", help="run: only these cells, comma-separated (default: all)")
+    st.add_argument("--out", default="reports/study", help="report: output folder (default: reports/study)")
+    st.set_defaults(fn=_study)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -37,7 +37,7 @@ STUDY_TAG = "newllm.study"
 PARENT_ID_TAG = "mlflow.parentRunId"  # MLflow's own nesting: the UI folds a stage's run under its parent
 # Final values that are measurements of speed, not results: written to the stage's timing file (dvc.yaml)
 # instead of its metrics file, so `dvc exp show --only-changed` and `dvc metrics diff` show results only.
-TIMING_KEYS = ("tokens_per_s", "train_wall_time_s", "context_cache_s", "wall_time_s")
+TIMING_KEYS = ("tokens_per_s", "train_wall_time_s", "context_cache_s", "wall_time_s", "peak_gpu_bytes")
 # MLflow's chart view puts a metric in the section named by its prefix before "/", sections in alphabetical
 # order: "curves/" (train/val loss, PPL, accuracy: the same keys for every model, so one chart overlays
 # them) opens the view, then "phase1/", "schedule/" (lr), "summary/" (final values), "time/". DVC's files
@@ -332,6 +332,15 @@ class StageRun:
         self.curve.append({"step": step, **values})
         ts = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(metric_key(self.stage, k), v, ts, step)
+                                                    for k, v in _numeric(values).items()])
+
+    def log_live(self, values: dict[str, Any], step: int) -> None:
+        """A point within a long epoch, to MLflow only (the record's curves are per epoch): section live/,
+        x = optimiser steps, so a multi-hour run's loss can be watched while it trains."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(f"live/{k}", v, ts, step)
                                                     for k, v in _numeric(values).items()])
 
     def log_figure(self, figure: Any, name: str) -> None:

@@ -282,3 +282,20 @@ def test_a_windowed_model_is_scored_on_the_same_tokens_with_more_context():
     plain = evaluate(m, ids, 8, 4)
     assert sliding["tokens"] == plain["tokens"] == 4 * (110 - 1)
     assert sliding["loss"] < 0.9 * plain["loss"]  # window starts no longer predict from one token (measured: -19 %)
+
+
+def test_a_long_epoch_prints_progress_lines_and_reports_live_points(monkeypatch, capsys):
+    """Without a terminal (pytest's stderr is none), a progress line every PROGRESS_EVERY_S within an epoch
+    (here every step) instead of tqdm frames, and on_progress gets the running loss at the optimiser step."""
+    from newllm.training import trainer
+
+    monkeypatch.setattr(trainer, "PROGRESS_EVERY_S", 0.0)
+    points = []
+    res = train_lm(lstm(), stream(400), stream(100, seed=2), cfg(epochs=1), lr=0.01, device="cpu",
+                   on_progress=lambda m, step: points.append((step, m)))
+    out = capsys.readouterr()
+    lines = [ln for ln in out.out.splitlines() if ln.startswith("epoch 1/1: step")]
+    assert len(lines) == len(points) == res.steps
+    assert "tok/s" in lines[-1] and "ETA" in lines[-1] and "\r" not in out.err
+    assert [s for s, _ in points] == list(range(1, res.steps + 1))
+    assert all(math.isfinite(m["train_loss"]) and m["tokens_per_s"] > 0 for _, m in points)

@@ -11,7 +11,7 @@ from newllm.errors import PipelineError
 from newllm.protocol import FULL_LRS, checkpoint, full_sweep_command, phase1_record, runs, seeds
 from newllm.registry import CONTROLS, MODELS, by_record
 from newllm.report.document import Document
-from newllm.report.figures import lr_sweep, phase1_curves, pyplot
+from newllm.report.figures import context_use_figure, lr_sweep, phase1_curves, pyplot
 from newllm.report.tables import (
     NEWLLM,
     Table,
@@ -27,7 +27,7 @@ from newllm.report.tables import (
 )
 from newllm.tracking import changed_vs_baseline, dvc_exp_name, file_at, git_commit
 
-FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png", "lr_sweep.png")
+FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png", "lr_sweep.png", "context_use.png")
 
 
 
@@ -124,6 +124,28 @@ def _samples(params: Params, models: dict[str, Any], tokenizer, eos_id: int) -> 
                 text = "".join(pieces).replace("\n", " ⏎ ")  # end of a line, shown inline
                 rows.append([prompt, name, mode, text.strip()])
     return rows
+
+
+def _key(record: str) -> str:
+    """A model's prefix in the report's metrics: `newllm` for New-LLM's Phase 2 record, else its record."""
+    return "newllm" if record == NEWLLM else record
+
+
+def context_use(loaded: dict[str, Any], cache: Any, window: int) -> dict[str, dict[str, float]]:
+    """{model key: {p: mean test loss of the predictions that have seen p .. 2p - 1 tokens}}, p = 1, 2, 4, ..."""
+    import torch
+
+    from newllm.training.position_loss import log_bins, position_losses
+
+    test = torch.from_numpy(cache.test.astype("int64"))
+    if test.numel() < window + 2:
+        raise PipelineError(f"params.yaml: report.context_window ({window}) needs more than {window + 1} test "
+                            f"tokens; the test split has {test.numel():,}")
+    out = {}
+    for s, model in loaded.items():  # a stateful model takes the whole window at once; the Transformer its n_positions
+        curve, _ = position_losses(model, test, window, max_context=getattr(model, "seq_len", window))
+        out[_key(s)] = {str(p): round(v, 5) for p, v in log_bins(curve).items()}
+    return out
 
 
 def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
@@ -252,6 +274,17 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
              "grows linearly and full re-attention recomputes the whole prefix for every token. Rows past the "
              "Transformer's trained positions say so in `status`.")
 
+    doc.heading("Context utilisation: how far back each model's predictions benefit")
+    use = context_use(loaded, cache, params.report.context_window)
+    doc.figure(_save(context_use_figure({display(s): use[_key(s)] for s in loaded}, "Test loss against the tokens seen"),
+                     figs / FIGURES[4]), "Test loss of the prediction that has seen p tokens, per model (seed "
+               f"{params.seed}), averaged over p .. 2p - 1; windows of {params.report.context_window} test tokens, each "
+               "from an empty state")
+    doc.text("Every window starts with no past (New-LLM and CVP from a zero context, the LSTM from a zero state), "
+             "so the prediction at p has seen exactly p tokens, or at most the Transformer's trained "
+             f"{params.transformer.seq_len} positions. Where a curve flattens, more past stops helping: for New-LLM "
+             "the memory horizon of its fixed-size context.")
+
     doc.heading("Fixed-point analysis of the trained ContextBlock (SPEC §4)")
     fp = fixed_point_analysis(models[MODELS["newllm"].display], params.report.fixed_point_threshold,
                               params.report.fixed_point_max_steps, seed=params.seed)
@@ -277,7 +310,8 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
               **{f"{s}_test_ppl": r4(summary[s]["test_ppl"]) for s in records[1:]},
               **{f"{s}_test_ppl_std": r4(summary[s]["test_ppl_std"]) for s in records[1:]},
               **{f"{s}_lr": summary[s]["lr"] for s in records},
-              **{k: round(v, 4) for k, v in rel.items()}, "decision_band": band, **mem,
+              **{f"{_key(s)}_params_total": summary[s]["params_total"] for s in records},
+              **{k: round(v, 4) for k, v in rel.items()}, "decision_band": band, **mem, "context_use": use,
               "fixed_point_steps_mean": fp["convergence"].get("steps_mean"),
               "single_vs_iterated_cosine": fp["single_vs_iterated"].get("cosine")}
     return result

@@ -30,7 +30,7 @@ def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, l
     result = train_lm(model, ids["train"], ids["val"], cfg, lr=lr, extras_train=extras.get("train"),
                       extras_val=extras.get("val"), device=device, seed=seed, on_epoch=on_epoch,
                       eval_batch_size=eval_batch_size, resume=run.resumed, on_checkpoint=run.save_resume,
-                      checkpoint_every_s=resume.EVERY_S)
+                      checkpoint_every_s=resume.EVERY_S, on_progress=run.log_live)
     history = [{"epoch": e, **m} for e, m in enumerate(result.history, start=1)]  # a resume's included
     # The best weights, through the one evaluation, on the val tokens every model predicts.
     val = evaluate(model, ids["val"], cfg.seq_len, eval_batch_size, extras=extras.get("val"))
@@ -46,6 +46,8 @@ def fit_lm(run: Any, model: nn.Module, cache: TokenCache, cfg: TrainConfig, *, l
         "tokens_per_s": round(result.tokens_per_s, 1), "train_wall_time_s": round(result.wall_time_s, 3),
         "params_trainable": trainable, "params_total": total, "lr": lr, "seed": seed,
         "device": result.device,
+        # on CUDA: the peak of torch's allocator over the process (a speed figure: goes to reports/timing)
+        **({"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if result.device.startswith("cuda") else {}),
     }
     if ids["test"].numel():
         test = evaluate(model, ids["test"], cfg.seq_len, eval_batch_size, extras=extras.get("test"))

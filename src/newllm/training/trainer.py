@@ -36,6 +36,7 @@ from newllm.errors import Diverged
 from newllm.registry import TrainConfig
 
 COSINE_MIN_LR = 1e-6  # the research's cosine annealing used eta_min 1e-6
+PROGRESS_EVERY_S = 60.0  # within a long epoch: a progress line (no terminal) and a live point this often
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -236,7 +237,8 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
              on_epoch: Callable[[int, dict[str, float]], None] | None = None,
              progress: bool = True, resume: dict[str, Any] | None = None,
              on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-             checkpoint_every_s: float = 60.0) -> TrainResult:
+             checkpoint_every_s: float = 60.0,
+             on_progress: Callable[[dict[str, float], int], None] | None = None) -> TrainResult:
     """Train `model` on next-token prediction and keep the epoch with the best validation loss.
 
     Per epoch: one pass over the (prefix of the) train stream in windows of cfg.seq_len, then `evaluate`
@@ -255,8 +257,10 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
     `checkpoint_every_s` passed since the last; `resume=state` continues from it, to the very numbers of an
     uninterrupted run on CPU (weights, optimiser, RNG, carried model state, early-stopping state).
 
-    `progress`: one line per epoch, plus a tqdm bar over the epoch's steps when stderr is a terminal (so
-    `dvc repro > log` gets clean lines). Seeded with `seed` (dropout, any sampling); the model's initial
+    `progress`: one line per epoch, plus a tqdm bar over the epoch's steps (loss, tok/s, ETA) when stderr is
+    a terminal; without one (`dvc repro > log`), a line every PROGRESS_EVERY_S within a long epoch instead
+    of the bar's frames. `on_progress(metrics, step)` gets the running train loss and tok/s at that same
+    pace (step = optimiser steps so far): live curves of a long run. Seeded with `seed` (dropout, any sampling); the model's initial
     weights are the caller's (seed before building it). On CPU two calls with equal inputs give identical
     histories.
     """
@@ -307,8 +311,10 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
         state = map_state(loop["carry"], lambda t: t.to(device).detach()) if first else None
         sum_loss = torch.tensor(loop["sum_loss"] if first else 0.0, dtype=torch.float64, device=device)
         n_tok = loop["n_tok"] if first else 0
+        tty = progress and sys.stderr.isatty()
         bar = tqdm(spans[first:], desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=first, total=len(spans),
-                   disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+                   disable=not tty, leave=False, dynamic_ncols=True, unit="step")
+        last_line = time.monotonic()
         for step, (i, t) in enumerate(bar, start=first):
             x, y = train[:, i:i + t], train[:, i + 1:i + 1 + t]
             with autocast(device):
@@ -327,8 +333,18 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
             state = detach_state(state)
             sum_loss += loss.detach() * y.numel()
             n_tok += y.numel()
-            if progress and step % 50 == 0:
-                bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
+            if tty and step % 50 == 0:
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}", tok_s=f"{n_tok / (time.perf_counter() - t0):,.0f}")
+            if time.monotonic() - last_line >= PROGRESS_EVERY_S and (on_progress or (progress and not tty)):
+                last_line = time.monotonic()
+                rate, done = n_tok / (time.perf_counter() - t0), step + 1
+                if progress and not tty:
+                    eta = (len(spans) - done) * (time.perf_counter() - t0) / max(done - first, 1)
+                    print(f"epoch {epoch + 1}/{cfg.epochs}: step {done:,}/{len(spans):,} ({done / len(spans):.0%}), "
+                          f"loss {sum_loss.item() / max(n_tok, 1):.4f}, {rate:,.0f} tok/s, epoch ETA {eta / 60:.1f} min",
+                          flush=True)
+                if on_progress is not None:
+                    on_progress({"train_loss": sum_loss.item() / max(n_tok, 1), "tokens_per_s": rate}, loop["steps"])
             if step + 1 < len(spans) and time.monotonic() - last_save >= checkpoint_every_s:
                 loop["lr"] = lr
                 save(epoch, step + 1, state, sum_loss, n_tok)

@@ -1,0 +1,159 @@
+"""A study: one DVC experiment per cell of a grid (e.g. context_dim 128 ... 1024), all on the same data and
+protocol, then one report over them (newllm.report.study).
+
+Why queued DVC experiments and not `matrix:` stages: a cell is the whole protocol (each model's lr sweep,
+seeds, the matched baselines re-sized to the cell's New-LLM, the controls), which the pipeline already is;
+a matrix would have to duplicate every stage per size in dvc.yaml, and `dvc repro` would then run the study
+on every repro. Each cell runs as `dvc exp run --temp -n <study>-<profile>-<cell>` (the workspace is left as
+it is), its stages are cached by DVC's run-cache (a rerun, or one after adding a seed, computes only the new
+cells), and its MLflow runs carry the tag `newllm.study` (`tracking.study`, not a stage dependency).
+
+The definition (studies/*.yaml):
+
+    name: wikitext2
+    cells:     {d128: {context_dim: 128}, ...}       # one experiment each: params.yaml keys, dotted
+    set:       {dataset.source: wikitext2, ...}      # every cell
+    profiles:  {cpu: {train.max_tokens: 50000, ...}, gpu: {...}}   # the size of the study
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from newllm.errors import PipelineError
+
+
+@dataclass
+class Study:
+    name: str
+    cells: dict[str, dict[str, Any]]
+    set: dict[str, Any]
+    profiles: dict[str, dict[str, Any]]
+    path: Path
+
+    def label(self, profile: str) -> str:
+        return f"{self.name}-{profile}"
+
+    def experiment(self, profile: str, cell: str) -> str:
+        return f"{self.label(profile)}-{cell}"
+
+    def overrides(self, profile: str, cell: str) -> dict[str, Any]:
+        """Every params.yaml key the cell sets (dotted), in the order set < profile < cell."""
+        if profile not in self.profiles:
+            raise PipelineError(f"{self.path}: no profile {profile!r} (has: {', '.join(self.profiles)})")
+        return {**self.set, **self.profiles[profile], **self.cells[cell], "tracking.study": self.label(profile)}
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"study file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - {"name", "cells", "set", "profiles"}
+    if unknown:
+        raise PipelineError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (name, cells, set, profiles)")
+    for key in ("name", "cells", "profiles"):
+        if not raw.get(key):
+            raise PipelineError(f"{path}: `{key}` is missing or empty")
+    return Study(str(raw["name"]), {str(k): dict(v or {}) for k, v in raw["cells"].items()},
+                 dict(raw.get("set") or {}), {str(k): dict(v or {}) for k, v in raw["profiles"].items()}, path)
+
+
+def params_of(study: Study, profile: str, cell: str, base: Path = Path("params.yaml")) -> Any:
+    """The validated params a cell runs with (params.yaml with its overrides): a bad key fails here, before
+    any experiment starts."""
+    from newllm.config import ConfigError, parse_params
+
+    raw = yaml.safe_load(base.read_text())
+    for dotted, value in study.overrides(profile, cell).items():
+        keys = dotted.split(".")
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                raise PipelineError(f"{study.path}: {dotted}: params.yaml has no section {k!r}")
+            node = node[k]
+        if keys[-1] not in node:
+            raise PipelineError(f"{study.path}: {dotted}: params.yaml has no key {keys[-1]!r} there")
+        node[keys[-1]] = value
+    try:
+        return parse_params(raw)
+    except ConfigError as e:
+        raise PipelineError(f"{study.path} ({cell}, {profile}): {e}") from None
+
+
+def set_args(overrides: dict[str, Any]) -> list[str]:
+    """-S key=value for `dvc exp run`, values as YAML (lists, null) the way DVC parses them."""
+    out = []
+    for key, value in overrides.items():
+        text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        out += ["-S", f"{key}={text}"]
+    return out
+
+
+def run_study(study: Study, profile: str, cells: list[str] | None = None) -> None:
+    """Every cell as `dvc exp run --temp -f -n <name>`, one after another, its output streamed; a cell that
+    fails stops the study (the cells before it stay cached and are restored on the next run)."""
+    chosen = cells or list(study.cells)
+    for cell in chosen:
+        if cell not in study.cells:
+            raise PipelineError(f"{study.path}: no cell {cell!r} (has: {', '.join(study.cells)})")
+        params_of(study, profile, cell)  # every cell's params checked before the first runs
+    t_start = time.monotonic()
+    for i, cell in enumerate(chosen, start=1):
+        name = study.experiment(profile, cell)
+        cmd = ["dvc", "exp", "run", "--temp", "-f", "-n", name, *set_args(study.overrides(profile, cell))]
+        elapsed = time.monotonic() - t_start
+        eta = f", about {elapsed / (i - 1) * (len(chosen) - i + 1) / 60:.0f} min left" if i > 1 else ""
+        print(f"study {study.label(profile)}: cell {i}/{len(chosen)} {name} ({elapsed / 60:.1f} min so far{eta})",
+              flush=True)
+        print("  " + " ".join(cmd), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise PipelineError(f"study {study.label(profile)}: {name} failed (its finished stages are cached: "
+                                f"rerun the same command to go on)")
+    print(f"study {study.label(profile)}: {len(chosen)} cell(s) done in {(time.monotonic() - t_start) / 60:.1f} min; "
+          f"`newllm study report {study.path} --profile {profile}` writes its report", flush=True)
+
+
+def experiment_refs() -> dict[str, str]:
+    """{experiment name: git ref} of every DVC experiment in this repo."""
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return {ref.rsplit("/", 1)[-1]: ref for ref in out if ref.count("/") >= 4}
+
+
+def read_json(ref: str, path: str) -> dict[str, Any] | None:
+    import json
+
+    res = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True)
+    return json.loads(res.stdout) if res.returncode == 0 else None
+
+
+def collect(study: Study, profile: str) -> dict[str, dict[str, Any]]:
+    """{cell: {"params": its overrides, "report": its reports/metrics/report.json}} of the cells run so far."""
+    refs = experiment_refs()
+    out = {}
+    for cell in study.cells:
+        ref = refs.get(study.experiment(profile, cell))
+        report = read_json(ref, "reports/metrics/report.json") if ref else None
+        if report is not None:
+            out[cell] = {"params": study.overrides(profile, cell), "report": report}
+    if not out:
+        raise PipelineError(f"no experiment of study {study.label(profile)} found (run "
+                            f"`newllm study run {study.path} --profile {profile}` first)")
+    return out
+
+
+def main_run(path: str, profile: str, cells: list[str] | None) -> int:
+    try:
+        run_study(load_study(path), profile, cells)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,106 @@
+"""Studies: a grid of DVC experiments (newllm.study) and the report over them (newllm.report.study)."""
+
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import REPO, make_project, run
+
+from newllm.errors import PipelineError
+from newllm.report.study import build_study_report, slope
+from newllm.study import load_study, params_of, set_args
+
+
+def write_study(path, **over):
+    study = {"name": "s", "cells": {"a": {"context_dim": 8}, "b": {"context_dim": 16}},
+             "set": {"baselines": ["transformer"]}, "profiles": {"tiny": {"tokenizer.max_eval_tokens": 300}}}
+    path.write_text(yaml.safe_dump({**study, **over}))
+    return path
+
+
+def test_a_cell_is_set_then_profile_then_cell_and_tagged_with_the_study(tmp_path):
+    s = load_study(write_study(tmp_path / "s.yaml", set={"context_dim": 4, "seed": 3}))
+    assert s.overrides("tiny", "a") == {"context_dim": 8, "seed": 3, "tokenizer.max_eval_tokens": 300,
+                                        "tracking.study": "s-tiny"}
+    assert s.experiment("tiny", "b") == "s-tiny-b"
+    assert set_args({"baselines": ["transformer", "lstm"], "x": None, "lr": 0.001, "p": "/a b/c"}) == [
+        "-S", "baselines=[transformer, lstm]", "-S", "x=null", "-S", "lr=0.001", "-S", "p=/a b/c"]
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"colour": 1}, "unknown key"), ({"cells": {}}, "`cells` is missing"),
+    ({"set": {"phase1.nope": 1}}, "phase1.nope: params.yaml has no key 'nope'"),
+    ({"set": {"nope.x": 1}}, "no section 'nope'"),
+    ({"cells": {"a": {"context_dim": -1}}}, r"\(a, tiny\).*context_dim must be >= 1"),
+])
+def test_bad_definitions_fail_naming_the_key(tmp_path, over, message):
+    with pytest.raises(PipelineError, match=message):
+        s = load_study(write_study(tmp_path / "s.yaml", **over))
+        params_of(s, "tiny", "a", REPO / "params.yaml")
+    with pytest.raises(PipelineError, match="no profile 'gpu'"):
+        load_study(write_study(tmp_path / "t.yaml")).overrides("gpu", "a")
+
+
+def test_the_wikitext2_study_validates_in_every_profile(tmp_path):
+    data = tmp_path / "wt2"
+    data.mkdir()
+    for f in ("train.txt", "valid.txt", "test.txt"):
+        (data / f).write_text(" = Title = \n some text here \n")
+    s = load_study(REPO / "studies" / "wikitext2.yaml")
+    s.set["dataset.wikitext_dir"] = str(data)
+    for profile in s.profiles:
+        for cell in s.cells:
+            p = params_of(s, profile, cell, REPO / "params.yaml")
+            assert p.dataset.source == "wikitext2" and p.tracking.study == f"wikitext2-{profile}"
+    assert [params_of(s, "cpu", c, REPO / "params.yaml").context_dim for c in s.cells] == [128, 256, 512, 1024]
+
+
+def test_the_study_report_fits_slopes_and_states_the_expectation(tmp_path):
+    def report(n, new, tf):
+        return {"seeds": 3, "newllm_params_total": n, "transformer_params_total": n, "newllm_test_ppl": new,
+                "newllm_test_ppl_std": 0.1, "transformer_test_ppl": tf, "transformer_test_ppl_std": 0.1,
+                "test_ppl_ratio_vs_transformer": new / tf, "decision_band": "x",
+                "context_use": {"newllm": {"1": 6.0, "2": 5.5, "4": 5.4, "8": 5.4},
+                                "transformer": {"1": 6.0, "2": 5.0, "4": 4.6, "8": 4.5}}}
+    cells = {"a": {"report": report(1e6, 200.0, 100.0)}, "b": {"report": report(4e6, 150.0, 90.0)}}
+    summary = build_study_report("s-tiny", cells, tmp_path)
+    assert summary["slopes"]["newllm"] == pytest.approx(math.log(150 / 200) / math.log(4))
+    assert slope([1, 10, 100], [100, 10, 1]) == pytest.approx(-1.0)
+    md = (tmp_path / "study.md").read_text()
+    assert "expected 1.5–2.0× (2 of 2 cells inside)" in md and "the gap closes" in md
+    assert "within 0.01 nats of that from 4 tokens on" in md  # New-LLM's horizon in the toy curve
+    assert (tmp_path / "figures" / "scaling.png").stat().st_size > 0 and (tmp_path / "study.html").is_file()
+
+
+@pytest.mark.slow
+def test_a_study_runs_each_cell_as_a_cached_experiment(tmp_path):
+    """Two cells of the tiny pipeline as DVC experiments: both recorded, every run tagged, the workspace
+    untouched, the report written; running a cell again computes nothing (DVC's run-cache)."""
+    proj = make_project(tmp_path / "p", {"baselines": ["transformer"]})
+    write_study(proj / "study.yaml")
+    run(["git", "add", "study.yaml"], proj)
+    run(["git", "commit", "-qm", "study"], proj)
+    newllm = [sys.executable, "-m", "newllm.cli"]
+    before = (proj / "params.yaml").read_text()
+    out = run([*newllm, "study", "run", "study.yaml", "--profile", "tiny"], proj, timeout=1200)
+    assert "cell 2/2 s-tiny-b" in out.stdout
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=proj,
+                          capture_output=True, text=True).stdout
+    assert "/s-tiny-a" in refs and "/s-tiny-b" in refs
+    assert (proj / "params.yaml").read_text() == before  # --temp: the workspace stays the baseline
+    with sqlite3.connect(proj / "mlflow.db") as con:
+        tagged = con.execute("select count(*) from tags where key = 'newllm.study' and value = 's-tiny'").fetchone()[0]
+        parents = {r[0] for r in con.execute("select name from runs where name like 's-tiny-%'")}
+    assert tagged >= 2 * 10 and {name.split(" @ ")[0] for name in parents} == {"s-tiny-a", "s-tiny-b"}
+
+    rep = run([*newllm, "study", "report", "study.yaml", "--profile", "tiny"], proj)
+    summary = json.loads((proj / "reports" / "study" / "s-tiny" / "study.json").read_text())
+    assert summary["cells"] == ["a", "b"] and "study.html" in rep.stdout
+    assert all(v is not None for v in summary["ratio_vs_transformer"].values())
+
+    again = run([*newllm, "study", "run", "study.yaml", "--profile", "tiny", "--cells", "a"], proj, timeout=600)
+    assert "Running stage" not in again.stdout + again.stderr

@@ -1,0 +1,51 @@
+"""Context utilisation: loss by position within a window, against each model run on the window at once."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from newllm.models.cvfp import NewLLM
+from newllm.models.lstm import LSTMLM
+from newllm.models.transformer import TransformerLM
+from newllm.training.position_loss import log_bins, position_losses
+
+V = 23
+
+
+def reference(model, ids, window):
+    """Each window fed whole, from an empty state: the per-position CE averaged over windows."""
+    n = (ids.numel() - 1) // (window + 1)
+    rows = ids[: n * (window + 1)].reshape(n, window + 1)
+    with torch.no_grad():
+        logits, _ = model(rows[:, :-1], None)
+    return F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none").double().mean(0)
+
+
+@pytest.mark.parametrize("make", [lambda: NewLLM(V, 8, 8, 2, 2), lambda: LSTMLM(V, embed_dim=8, hidden_dim=8, num_layers=1, dropout=0.0)],
+                         ids=["newllm", "lstm"])
+def test_stateful_models_carry_their_state_across_pieces(make):
+    torch.manual_seed(0)
+    model, ids = make().eval(), torch.randint(0, V, (300,))
+    curve, n = position_losses(model, ids, window=20, max_context=6, batch_size=4)  # pieces of 6, state carried
+    assert n == 300 // 21 and curve.shape == (20,)
+    torch.testing.assert_close(curve, reference(model, ids, 20), rtol=1e-5, atol=1e-6)
+
+
+def test_a_windowed_model_sees_at_most_its_trained_context():
+    """The Transformer (n_positions 8) over windows of 24: the first 8 positions are its plain pass over the
+    window's start; later ones come from sliding windows and are each scored once."""
+    torch.manual_seed(0)
+    model = TransformerLM(V, n_layer=1, n_head=2, n_embd=16, seq_len=8, dropout=0.0).eval()
+    ids = torch.randint(0, V, (400,))
+    curve, n = position_losses(model, ids, window=24, max_context=8)
+    rows = ids[: n * 25].reshape(n, 25)
+    with torch.no_grad():
+        logits, _ = model(rows[:, :8], None)
+    start = F.cross_entropy(logits.transpose(1, 2), rows[:, 1:9], reduction="none").double().mean(0)
+    torch.testing.assert_close(curve[:8], start, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(curve).all() and curve.shape == (24,)
+
+
+def test_log_bins_average_doubling_ranges():
+    curve = torch.arange(1.0, 11.0)  # positions 1..10
+    assert log_bins(curve) == {1: 1.0, 2: 2.5, 4: 5.5, 8: 9.0}  # [1], [2, 3], [4..7], [8..10]
