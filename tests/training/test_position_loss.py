@@ -47,5 +47,6 @@ def test_a_windowed_model_sees_at_most_its_trained_context():
 
 
 def test_log_bins_average_doubling_ranges():
-    curve = torch.arange(1.0, 11.0)  # positions 1..10
-    assert log_bins(curve) == {1: 1.0, 2: 2.5, 4: 5.5, 8: 9.0}  # [1], [2, 3], [4..7], [8..10]
+    curve = torch.arange(1.0, 16.0)  # positions 1..15
+    assert log_bins(curve) == {1: 1.0, 2: 2.5, 4: 5.5, 8: 11.5}  # [1], [2, 3], [4..7], [8..15]
+    assert list(log_bins(curve[:14])) == [1, 2, 4]  # [8..15] is not whole: dropped

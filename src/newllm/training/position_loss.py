@@ -54,7 +54,7 @@ def log_bins(curve: Tensor) -> dict[int, float]:
     """{p: mean loss of the predictions that have seen p .. 2p - 1 tokens} for p = 1, 2, 4, ...: one
     position's loss is a handful of tokens on a small test split; a bin of a doubling range is not."""
     out, p, n = {}, 1, curve.numel()
-    while p <= n:
-        out[p] = float(curve[p - 1:min(2 * p - 1, n)].mean())
+    while 2 * p - 1 <= n:  # whole bins only: a last, partial one would be a few positions' noise
+        out[p] = float(curve[p - 1:2 * p - 1].mean())
         p *= 2
     return out
