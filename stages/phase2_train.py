@@ -30,7 +30,7 @@ def main(params, run, cell) -> None:
     from newllm.training import checkpoint
     from newllm.training.checkpoint import CheckpointError
     from newllm.training.lm_stage import fit_lm
-    from newllm.training.phase1 import compute_contexts, context_cache_shape
+    from newllm.training.phase1 import compute_contexts, context_cache_shape, prefix_layout
     from newllm.training.trainer import resolve_device
 
     cache = load_cache()
@@ -61,8 +61,9 @@ def main(params, run, cell) -> None:
         if not ids.numel():
             continue
         streams = params.phase2.streams if split == "train" else params.eval_batch_size
-        if split == "train" and params.phase2.max_tokens:  # only the prefix the trainer reads
-            ids = ids[: params.phase2.max_tokens]
+        if split == "train":  # only the prefix the trainer reads, in the whole stream's layout
+            n_ids, streams = prefix_layout(len(ids), streams, params.phase2.max_tokens)
+            ids = ids[:n_ids]
         if split != "train":
             ids = ids[: len(ids) // streams * streams]
         storage = scratch_tensor(context_cache_shape(llm, len(ids), streams), path=TMP / f"{split}.bin")

@@ -27,8 +27,8 @@ def test_a_cell_is_set_then_profile_then_cell_and_tagged_with_the_study(tmp_path
     assert s.overrides("tiny", "a") == {"context_dim": 8, "seed": 3, "tokenizer.max_eval_tokens": 300,
                                         "tracking.study": "s-tiny"}
     assert s.experiment("tiny", "b") == "s-tiny-b"
-    assert set_args({"baselines": ["transformer", "lstm"], "x": None, "lr": 0.001, "p": "/a b/c"}) == [
-        "-S", "baselines=[transformer, lstm]", "-S", "x=null", "-S", "lr=0.001", "-S", "p=/a b/c"]
+    assert set_args({"baselines": ["transformer", "lstm"], "x": None, "lr": 0.0003, "p": "/a b,c/it's"}) == [
+        "-S", "baselines=[transformer, lstm]", "-S", "x=null", "-S", "lr=0.0003", "-S", "p='/a b,c/it\\'s'"]
 
 
 @pytest.mark.parametrize("over, message", [

@@ -89,17 +89,23 @@ def params_of(study: Study, profile: str, cell: str, base: Path = Path("params.y
 
 
 def set_args(overrides: dict[str, Any]) -> list[str]:
-    """-S key=value for `dvc exp run`, values as YAML (lists, null) the way DVC parses them."""
+    """-S key=value for `dvc exp run`. DVC parses the value with Hydra's override grammar: numbers, null and
+    lists as YAML writes them; a string quoted, so a path with `,` `=` `[` or a quote stays one string."""
     out = []
     for key, value in overrides.items():
-        text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        if isinstance(value, str):
+            text = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
         out += ["-S", f"{key}={text}"]
     return out
 
 
 def run_study(study: Study, profile: str, cells: list[str] | None = None) -> None:
-    """Every cell as `dvc exp run --temp -f -n <name>`, one after another, its output streamed; a cell that
-    fails stops the study (the cells before it stay cached and are restored on the next run)."""
+    """Every cell as `dvc exp run --temp -n <name>`, one after another, its output streamed; a cell that
+    fails stops the study (its finished stages and the cells before it are restored from DVC's run-cache on
+    the next run). A cell already run from this commit is removed first and run again: DVC then restores
+    every stage it finds in the run-cache (`-f` would not: it forces every stage to run)."""
     chosen = cells or list(study.cells)
     for cell in chosen:
         if cell not in study.cells:
@@ -108,7 +114,9 @@ def run_study(study: Study, profile: str, cells: list[str] | None = None) -> Non
     t_start = time.monotonic()
     for i, cell in enumerate(chosen, start=1):
         name = study.experiment(profile, cell)
-        cmd = ["dvc", "exp", "run", "--temp", "-f", "-n", name, *set_args(study.overrides(profile, cell))]
+        if name in experiment_refs(head_only=True):  # DVC refuses a name taken at this commit
+            subprocess.run(["dvc", "exp", "remove", name], check=True, capture_output=True)
+        cmd = ["dvc", "exp", "run", "--temp", "-n", name, *set_args(study.overrides(profile, cell))]
         elapsed = time.monotonic() - t_start
         eta = f", about {elapsed / (i - 1) * (len(chosen) - i + 1) / 60:.0f} min left" if i > 1 else ""
         print(f"study {study.label(profile)}: cell {i}/{len(chosen)} {name} ({elapsed / 60:.1f} min so far{eta})",
@@ -121,11 +129,21 @@ def run_study(study: Study, profile: str, cells: list[str] | None = None) -> Non
           f"`newllm study report {study.path} --profile {profile}` writes its report", flush=True)
 
 
-def experiment_refs() -> dict[str, str]:
-    """{experiment name: git ref} of every DVC experiment in this repo."""
-    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], capture_output=True,
-                         text=True, check=True).stdout.split()
-    return {ref.rsplit("/", 1)[-1]: ref for ref in out if ref.count("/") >= 4}
+def experiment_refs(head_only: bool = False) -> dict[str, str]:
+    """{experiment name: git ref} of the DVC experiments in this repo (refs/exps/<sha[:2]>/<sha[2:]>/<name>,
+    one per baseline commit a name was run from): the most recent run of each name, or, with head_only,
+    those run from HEAD."""
+    prefix = "refs/exps"
+    if head_only:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        prefix = f"refs/exps/{head[:2]}/{head[2:]}"
+    out = subprocess.run(["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)", prefix],
+                         capture_output=True, text=True, check=True).stdout.split()
+    refs: dict[str, str] = {}
+    for ref in out:
+        if ref.count("/") >= 4:
+            refs.setdefault(ref.rsplit("/", 1)[-1], ref)  # newest first: keep the first
+    return refs
 
 
 def read_json(ref: str, path: str) -> dict[str, Any] | None:

@@ -483,3 +483,18 @@ def test_chunked_phase1_in_memory_equals_on_disk(tmp_path, monkeypatch):
     strip = lambda h: [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in h]  # noqa: E731
     assert strip(a.history) == strip(b.history) and a.train_er == b.train_er
     assert (tmp_path / "P0.bin").is_file()
+
+
+@pytest.mark.parametrize("n, streams, prefix", [(301, 4, 90), (301, 4, 76), (301, 4, 0), (301, 1, 50), (300, 7, 299)])
+def test_a_prefix_cache_holds_the_whole_layouts_contexts(n, streams, prefix):
+    """Phase 2 caches only the streams holding phase2.max_tokens, with the whole stream's boundaries."""
+    from newllm.training.phase1 import prefix_layout
+
+    model, ids = tiny().eval(), stream(n)
+    n_ids, s = prefix_layout(n, streams, prefix)
+    assert n_ids <= n and s <= streams
+    part, whole = compute_contexts(model, ids[:n_ids], streams=s), compute_contexts(model, ids, streams=streams)
+    keep = prefix or n
+    torch.testing.assert_close(part[:keep], whole[:keep])  # float error only (a smaller batch of streams)
+    if prefix and streams > 1 and -(-prefix // streams) != -(-n // streams):  # the prefix in S streams of its own
+        assert not torch.allclose(compute_contexts(model, ids[:prefix], streams=streams), whole[:prefix], atol=1e-3)

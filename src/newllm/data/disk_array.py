@@ -97,11 +97,9 @@ class DiskArray:
         i, j = slab
         out = torch.empty((self.shape[0], j - i, *self.shape[2:]), dtype=self.dtype)
         if j > i:
-            fd, nbytes = self._file(), out[0].numel() * self._itemsize
+            fd = self._file()
             for pos, r in self._runs(i, j):
-                buf = out[r].view(torch.uint8).numpy()
-                if os.preadv(fd, [buf], pos) != nbytes:
-                    raise OSError(f"{self.path}: short read at byte {pos} (file truncated?)")
+                _all(os.preadv, fd, memoryview(out[r].view(torch.uint8).numpy()).cast("B"), pos, self.path)
         return out
 
     def __setitem__(self, key, values: Tensor) -> None:
@@ -112,11 +110,20 @@ class DiskArray:
         values = values.detach().to("cpu", self.dtype).expand(self.shape[0], j - i, *self.shape[2:]).contiguous()
         fd = self._file()
         for pos, r in self._runs(i, j):
-            os.pwritev(fd, [values[r].view(torch.uint8).numpy()], pos)
+            _all(os.pwritev, fd, memoryview(values[r].view(torch.uint8).numpy()).cast("B"), pos, self.path)
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
+
+
+def _all(io, fd: int, buf: memoryview, pos: int, path: Path) -> None:
+    """os.preadv / os.pwritev until every byte is moved: one call moves at most ~2 GiB on Linux."""
+    while len(buf):
+        n = io(fd, [buf], pos)
+        if n <= 0:
+            raise OSError(f"{path}: {'read' if io is os.preadv else 'write'} stopped at byte {pos} (file truncated?)")
+        buf, pos = buf[n:], pos + n
 
 
 # Per-position data above this size goes to disk when the caller gives a scratch path: memory then stays
@@ -127,7 +134,11 @@ IN_MEMORY_BYTES = 256 * 2**20
 def scratch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, path: str | Path | None = None,
                    device: str | torch.device = "cpu") -> Tensor | DiskArray:
     """An uninitialised (shape) buffer: a Tensor on `device`, or a DiskArray at `path` when one is given and
-    the buffer is larger than IN_MEMORY_BYTES."""
-    if path is not None and math.prod(shape) * torch.empty((), dtype=dtype).element_size() > IN_MEMORY_BYTES:
+    the buffer is larger than IN_MEMORY_BYTES (on a GPU: larger than half its free memory too)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    device = torch.device(device)
+    # a GPU holds it when it fits in half its free memory: disk -> GPU copies would cost more than they save
+    on_gpu = device.type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] // 2
+    if path is not None and nbytes > IN_MEMORY_BYTES and not on_gpu:
         return DiskArray.empty(path, shape, dtype)
     return torch.empty(shape, dtype=dtype, device=device)

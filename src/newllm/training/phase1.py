@@ -140,6 +140,14 @@ def context_cache_shape(model: NewLLM, n_tokens: int, streams: int = 1) -> tuple
     return S * math.ceil(n_tokens / S), model.num_context_layers, model.context_dim
 
 
+def prefix_layout(n_tokens: int, streams: int, prefix: int) -> tuple[int, int]:
+    """(tokens, streams) for compute_contexts to give a stream's first `prefix` positions the very contexts
+    of its whole-stream layout (S streams of ceil(N / S)): only the streams that hold the prefix, each as long."""
+    n = -(-n_tokens // streams)
+    k = min(streams, -(-prefix // n)) if prefix else streams
+    return min(n_tokens, k * n), k
+
+
 @torch.no_grad()
 def compute_contexts(model: NewLLM, ids: Tensor, streams: int = 1, chunk: int = 2048,
                      dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,

@@ -311,6 +311,7 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
         state = map_state(loop["carry"], lambda t: t.to(device).detach()) if first else None
         sum_loss = torch.tensor(loop["sum_loss"] if first else 0.0, dtype=torch.float64, device=device)
         n_tok = loop["n_tok"] if first else 0
+        n_tok0 = n_tok  # tokens before a mid-epoch resume: not in this process's rate
         tty = progress and sys.stderr.isatty()
         bar = tqdm(spans[first:], desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=first, total=len(spans),
                    disable=not tty, leave=False, dynamic_ncols=True, unit="step")
@@ -334,10 +335,11 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
             sum_loss += loss.detach() * y.numel()
             n_tok += y.numel()
             if tty and step % 50 == 0:
-                bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}", tok_s=f"{n_tok / (time.perf_counter() - t0):,.0f}")
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}",
+                                tok_s=f"{(n_tok - n_tok0) / (time.perf_counter() - t0):,.0f}")
             if time.monotonic() - last_line >= PROGRESS_EVERY_S and (on_progress or (progress and not tty)):
                 last_line = time.monotonic()
-                rate, done = n_tok / (time.perf_counter() - t0), step + 1
+                rate, done = (n_tok - n_tok0) / (time.perf_counter() - t0), step + 1
                 if progress and not tty:
                     eta = (len(spans) - done) * (time.perf_counter() - t0) / max(done - first, 1)
                     print(f"epoch {epoch + 1}/{cfg.epochs}: step {done:,}/{len(spans):,} ({done / len(spans):.0%}), "
