@@ -67,6 +67,7 @@ from newllm.training.metrics import convergence_rate, effective_rank
 from newllm.training.trainer import autocast, check_finite, resolve_device
 
 FirstContext = Literal["zero", "wrap"]
+CACHE_CHUNK_POSITIONS = 32768  # positions (over all streams) compute_contexts holds at a time: ~130 MB at L x Dc = 2 x 512
 
 
 @dataclass
@@ -158,7 +159,8 @@ def compute_contexts(model: NewLLM, ids: Tensor, streams: int = 1, chunk: int = 
     token to token, never reset per token (the research's bug 3). The stream is cut into S contiguous
     chunks (ceil(N / S) tokens; the last padded at its end, the padding's outputs discarded) run as one
     batch, each starting from zero; S = 1 is the single-stream recurrence. `chunk` bounds the positions
-    embedded at a time (memory), the context being carried across chunks; `dtype` is the stored dtype
+    of a stream embedded at a time, and CACHE_CHUNK_POSITIONS those of all S streams (memory stays flat
+    whatever S and N), the context being carried across chunks; `dtype` is the stored dtype
     (bf16 halves the cache; Phase2Model casts it back). `out` (shape `context_cache_shape`) is storage
     to fill instead of a new in-memory tensor, e.g. a DiskArray when the cache does not fit in RAM: it is
     filled chunk by chunk, with the same numbers. Computed in fp32 on every device (no autocast):
@@ -179,10 +181,10 @@ def compute_contexts(model: NewLLM, ids: Tensor, streams: int = 1, chunk: int = 
     elif out.shape != (S * n, *shape[2:]):
         raise ValueError(f"out has shape {tuple(out.shape)}, want {(S * n, *shape[2:])} (context_cache_shape)")
     out = out.reshape(shape)  # a view of a Tensor; a DiskArray is written slab by slab
-    c = None
-    for s in range(0, n, chunk):
-        ctx, c = model.sequential_contexts(grid[:, s:s + chunk].to(device), initial=c)
-        out[:, s:s + chunk] = ctx.to(dtype).cpu()
+    c, step = None, max(1, min(chunk, CACHE_CHUNK_POSITIONS // S))
+    for s in range(0, n, step):
+        ctx, c = model.sequential_contexts(grid[:, s:s + step].to(device), initial=c)
+        out[:, s:s + step] = ctx.to(dtype).cpu()
     return out.reshape(S * n, *out.shape[2:])[:n_tok]
 
 
