@@ -77,7 +77,9 @@ def _check_report(project: Path) -> None:
         return
     shot = project / "report.png"
     dom = render_page(project / "reports/report.html", screenshot=shot)
-    assert "<table" in dom and dom.count("data:image/png;base64,") == 4 and "Main table" in dom
+    from newllm.report.build import FIGURES
+
+    assert "<table" in dom and dom.count("data:image/png;base64,") == len(FIGURES) and "Main table" in dom
     assert shot.stat().st_size > 10_000
     if os.environ.get("NEWLLM_SAVE_SCREENSHOTS") == "1":
         dest = REPO / "reports" / "screenshots"
