@@ -20,7 +20,6 @@ The definition (studies/*.yaml):
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,12 +166,3 @@ def collect(study: Study, profile: str) -> dict[str, dict[str, Any]]:
         raise PipelineError(f"no experiment of study {study.label(profile)} found (run "
                             f"`newllm study run {study.path} --profile {profile}` first)")
     return out
-
-
-def main_run(path: str, profile: str, cells: list[str] | None) -> int:
-    try:
-        run_study(load_study(path), profile, cells)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
