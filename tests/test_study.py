@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import sqlite3
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def test_the_study_report_fits_slopes_and_states_the_expectation(tmp_path):
 @pytest.mark.slow
 def test_a_study_runs_each_cell_as_a_cached_experiment(tmp_path):
     """Two cells of the tiny pipeline as DVC experiments: both recorded, every run tagged, the workspace
-    untouched, the report written; a cell run again restores its data stages from DVC's run-cache."""
+    untouched, the report written; a cell rerun with one seed more trains only that seed."""
     proj = make_project(tmp_path / "p", {"baselines": ["transformer"]})
     write_study(proj / "study.yaml")
     run(["git", "add", "study.yaml"], proj)
@@ -102,7 +103,13 @@ def test_a_study_runs_each_cell_as_a_cached_experiment(tmp_path):
     assert summary["cells"] == ["a", "b"] and "study.html" in rep.stdout
     assert all(v is not None for v in summary["ratio_vs_transformer"].values())
 
-    # Known gap: under --temp the training stages get no run-cache entry and train again (cause not found)
+    # Adding a seed reruns only the new seed's stages: DVC's run-cache restores every other one
+    write_study(proj / "study.yaml", profiles={"tiny": {"tokenizer.max_eval_tokens": 300,
+                                                        "protocol.replicates": [1, 2]}})
+    run(["git", "commit", "-qam", "a seed more"], proj)
     again = run([*newllm, "study", "run", "study.yaml", "--profile", "tiny", "--cells", "a"], proj, timeout=600)
     log = again.stdout + again.stderr
-    assert "Stage 'generate_dataset' is cached" in log and "Stage 'tokenize' is cached" in log
+    ran = set(re.findall(r"Running stage '([^']+)'", log))
+    assert "Stage 'phase1_cvfp' is cached" in log and "Stage 'phase2_sweep@0.01' is cached" in log
+    assert {s for s in ran if not s.endswith("2")} == {"validate", "report"}, ran  # validate: always runs
+    assert {"phase1_seeds@2", "phase2_seeds@2"} <= ran

@@ -5,9 +5,8 @@ Why queued DVC experiments and not `matrix:` stages: a cell is the whole protoco
 seeds, the matched baselines re-sized to the cell's New-LLM, the controls), which the pipeline already is;
 a matrix would have to duplicate every stage per size in dvc.yaml, and `dvc repro` would then run the study
 on every repro. Each cell runs as `dvc exp run --temp -n <study>-<profile>-<cell>` (the workspace is left as
-it is) and its MLflow runs carry the tag `newllm.study` (`tracking.study`, not a stage dependency). Known
-gap (tests/test_study.py): under --temp, DVC's run-cache restores the data, sizing, pick and report stages
-of a rerun cell, but its training stages get no run-cache entry and train again; the cause is not found yet.
+it is) and its MLflow runs carry the tag `newllm.study` (`tracking.study`, not a stage dependency). A
+rerun cell restores from DVC's run-cache every stage whose inputs did not change (tests/test_study.py).
 
 The definition (studies/*.yaml):
 
@@ -104,8 +103,7 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
 def run_study(study: Study, profile: str, cells: list[str] | None = None) -> None:
     """Every cell as `dvc exp run --temp -n <name>`, one after another, its output streamed; a cell that
     fails stops the study. A cell already run from this commit is removed first and run again: DVC then
-    restores the stages it finds in its run-cache (`-f` would force every stage to run; see the module doc
-    for the stages it does not find)."""
+    restores the stages it finds in its run-cache (`-f` would force every stage to run)."""
     chosen = cells or list(study.cells)
     for cell in chosen:
         if cell not in study.cells:
