@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 # Stage commands say `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test lint ui sync faults clean
+.PHONY: install run test lint ui server sync faults clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -36,6 +36,15 @@ lint: $(STAMP)
 PORT ?= 5000
 ui: $(STAMP)
 	$(BIN)/newllm ui --port $(PORT)
+
+SERVER_PORT ?= 5050
+SERVER_DIR  := mlflow-server
+server: $(STAMP)  # a team's tracking server, locally: SQL backend + proxied artifact store (README: Scaling out)
+	mkdir -p $(SERVER_DIR)/artifacts
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
+	    --backend-store-uri sqlite:///$(CURDIR)/$(SERVER_DIR)/mlflow.db \
+	    --artifacts-destination $(CURDIR)/$(SERVER_DIR)/artifacts --serve-artifacts \
+	    --host 127.0.0.1 --port $(SERVER_PORT) --workers 1
 
 sync: $(STAMP)
 	$(BIN)/newllm sync

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import VENV_BIN, default_params, env, use_project_dvc_yaml, write_params
+from helpers import VENV_BIN, default_params, env, make_project, run, use_project_dvc_yaml, write_params
 
 from newllm import tracking
 
@@ -77,12 +77,16 @@ def two_run_store(root: Path) -> tuple[str, dict[str, str]]:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, workdir: Path, timeout: float = 45.0) -> Iterator[str]:
+def mlflow_server(backend_uri: str, workdir: Path, timeout: float = 45.0,
+                  artifacts: Path | None = None) -> Iterator[str]:
     """`mlflow server` on a free loopback port over `backend_uri`; yields its base URL once /health answers.
-    The server runs in its own session and is ended with all its children (uvicorn worker) on exit."""
+    `artifacts`: the server stores artifacts there and proxies them (clients never see the path), as a
+    team's server does with S3. The server runs in its own session and is ended with all its children
+    (uvicorn worker) on exit."""
     port = _free_port()
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
-           "--default-artifact-root", (workdir / "mlartifacts").as_uri(),
+    store = (["--artifacts-destination", artifacts.as_uri(), "--serve-artifacts"] if artifacts else
+             ["--default-artifact-root", (workdir / "mlartifacts").as_uri()])
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, *store,
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     # No background job consumers (GenAI scorers): they are several extra processes on a 2-core machine.
     server_env = {**env(), "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -154,3 +158,41 @@ def test_server_serves_metric_histories(served):
         ctx = CONTEXT_DIMS[exp_name]
         assert [m["step"] for m in hist] == [0, 1, 2]
         assert [m["value"] for m in hist] == pytest.approx([3.0 - s * ctx / 100 for s in range(3)])
+
+
+def _runs(base: str, exp_id: str, where: str) -> list[dict]:
+    return api(base, "runs/search", body={"experiment_ids": [exp_id], "filter": where})["runs"]
+
+
+@pytest.mark.slow
+def test_a_team_server_holds_a_clones_runs_curves_and_artifacts(tmp_path):
+    """README's team setup, on loopback: an `mlflow server` with a SQL backend and proxied artifacts. A clone
+    replays its DVC records into it (`newllm sync`) and runs a stage against it; params, curves and the
+    stage's figure come back through the REST API, and the figure lives in the server's store."""
+    clone = make_project(tmp_path / "clone")
+    run(["dvc", "repro", "phase1_cvfp"], clone)  # into the clone's own sqlite file first
+    server = tmp_path / "server"
+    server.mkdir()
+    with mlflow_server(f"sqlite:///{server / 'mlflow.db'}", server, artifacts=server / "artifacts") as base:
+        at_server = {"MLFLOW_TRACKING_URI": base}
+        out = run(["newllm", "sync"], clone, extra_env=at_server).stdout
+        assert "phase1/seed0" in out and "tokenize" in out, out
+        assert "none missing" in run(["newllm", "sync"], clone, extra_env=at_server).stdout  # idempotent
+        exp_id = api(base, "experiments/get-by-name", {"experiment_name": "newllm"})["experiment"]["experiment_id"]
+        (p1,) = _runs(base, exp_id, "tags.`dvc.stage` = 'phase1/seed0'")
+        assert {p["key"]: p["value"] for p in p1["data"]["params"]}["context_dim"] == "16"
+        curve = api(base, "metrics/get-history", {"run_id": p1["info"]["run_id"], "metric_key": "phase1/er_pct"})
+        csv_rows = (clone / "reports/plots/phase1/seed0.csv").read_text().splitlines()[1:]
+        assert len(curve["metrics"]) == len(csv_rows) >= 3
+
+        run(["dvc", "repro", "-f", "generate_dataset"], clone, extra_env=at_server)  # live, not synced
+        (live,) = [r for r in _runs(base, exp_id, "tags.`dvc.stage` = 'generate_dataset'")
+                   if "newllm.synced" not in {t["key"] for t in r["data"]["tags"]}]
+        run_id = live["info"]["run_id"]
+        assert live["info"]["artifact_uri"].startswith("mlflow-artifacts:/")  # proxied: no client-side path
+        listed = api(base, "artifacts/list", {"run_id": run_id, "path": "figures"})["files"]
+        assert [f["path"] for f in listed] == ["figures/line_lengths.png"]
+        png = _get(f"{base}/get-artifact?" + urllib.parse.urlencode({"path": "figures/line_lengths.png",
+                                                                     "run_uuid": run_id}))
+        (stored,) = (server / "artifacts").rglob("line_lengths.png")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and stored.read_bytes() == png

@@ -125,6 +125,25 @@ def _chosen(project: Path) -> dict[str, float]:
     return {f.stem: json.loads(f.read_text())["lr"] for f in (project / "data/lr").glob("*.json")}
 
 
+def _team_clone(project: Path) -> Path:
+    """The team loop of README's "Scaling out": push the commit to a shared git repo and every output and
+    the run-cache to a DVC remote (local folders here); a fresh clone pulls them and `dvc repro` then
+    recomputes nothing (validate, the params check, always runs); returns the clone."""
+    team, remote, clone = (project.parent / n for n in ("team.git", "dvc-remote", "clone"))
+    run(["git", "init", "-q", "--bare", str(team)], project.parent)
+    run(["dvc", "remote", "add", "-d", "team", str(remote)], project)
+    run(["git", "commit", "-qam", "the team's DVC remote"], project)
+    run(["git", "remote", "add", "origin", str(team)], project)
+    run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], project)
+    run(["dvc", "push", "--run-cache"], project)
+    run(["git", "clone", "-q", "-b", "main", str(team), str(clone)], project.parent)
+    run(["dvc", "pull", "--run-cache"], clone)
+    assert (clone / "data/checkpoints/phase1/seed0.pt").is_file()
+    assert _ran(run(["dvc", "repro"], clone).stdout) == ALWAYS
+    assert set(yaml.safe_load(run(["dvc", "status", "--json"], clone).stdout)) == ALWAYS
+    return clone
+
+
 def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     first = run(["dvc", "repro"], project)
     ran = _ran(first.stdout)
@@ -145,6 +164,7 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
     assert set(yaml.safe_load(run(["dvc", "status", "--json"], project).stdout)) == ALWAYS
+    clone = _team_clone(project)
     # What an edit makes stale, asked of `dvc status` (then undone): a model file, that model's cells and
     # the report (which rebuilds every model); Phase 1's code, New-LLM's cells and the Phase 1 control's
     # (they compute contexts with it); a Phase 1 param, Phase 1 alone (its checkpoint then reaches only
@@ -166,6 +186,13 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
 
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
     assert "lr2" in shown
+    # An experiment travels the same way: its git ref to the team repo, its outputs to the DVC remote.
+    run(["dvc", "exp", "push", "--run-cache", "origin", "lr2"], project)
+    run(["dvc", "exp", "pull", "--run-cache", "origin", "lr2"], clone)
+    assert "lr2" in run(["dvc", "exp", "show", "--no-pager", "--csv"], clone).stdout
+    run(["dvc", "exp", "apply", "lr2"], clone)
+    assert (clone / "reports/metrics/report.json").read_text() == (project / "reports/metrics/report.json").read_text()
+    assert _ran(run(["dvc", "repro"], clone).stdout) == ALWAYS  # lr2's outputs came with it
     # DVC's own views: only params and results differ (no timing column), and `dvc plots diff` of the
     # experiment against its baseline plots losses and renders with no network (its vega is inlined).
     changed = run(["dvc", "exp", "show", "--no-pager", "--csv", "--only-changed"], project).stdout.splitlines()[0]
