@@ -5,6 +5,7 @@ ContextBlock left at their initialisation (the weights Phase 1 starts from, for 
 Then `--lr X` (a sweep cell, on params.yaml's seed) or `--seed N` (a replicate, with the chosen lr).
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ from newllm.pipeline import run_cell
 
 NAME = sys.argv[1] if len(sys.argv) > 1 else ""
 CELL = sys.argv[2:]
-TMP = Path("data/tmp") / "_".join([NAME, *CELL, "contexts"])  # caches too large for RAM, removed at the end
+# caches too large for RAM, removed at the end; one per DDP rank (RANK: torchrun's)
+TMP = Path("data/tmp") / "_".join([NAME, *CELL, "contexts", f"rank{os.environ.get('RANK', '0')}"])
 
 
 def main(params, run, cell) -> None:
@@ -74,8 +76,9 @@ def main(params, run, cell) -> None:
     run.log_params({"lr": cell.lr})
     final, history = fit_lm(run, model, cache, params.phase2, lr=cell.lr, seed=cell.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size, extras=extras)
-    factory.save_model(run.declared.outs[0], NAME, llm, {k: getattr(params, k) for k in NEWLLM_KEYS},
-                       cache.vocab_size)
+    if run.main:  # under DDP, rank 0 alone writes
+        factory.save_model(run.declared.outs[0], NAME, llm, {k: getattr(params, k) for k in NEWLLM_KEYS},
+                           cache.vocab_size)
     record = factory.spec(NAME).record
     run.log_figure(lm_curves(history, record), f"{record}_curves.png")
     final["context_cache_s"] = round(cache_s, 3)

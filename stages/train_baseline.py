@@ -50,7 +50,8 @@ def main(params, run, cell) -> None:
     run.log_params({"lr": cell.lr})
     final, history = fit_lm(run, model, cache, cfg, lr=cell.lr, seed=cell.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size)
-    factory.save_model(run.declared.outs[0], NAME, model, arch, cache.vocab_size)
+    if run.main:  # under DDP, rank 0 alone writes
+        factory.save_model(run.declared.outs[0], NAME, model, arch, cache.vocab_size)
     if spec.role == "baseline":
         final["matched"] = bool(matched)  # a baseline without a width search stays unmatched: no ratio
     if matched:

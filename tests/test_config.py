@@ -117,7 +117,7 @@ def test_stage_params_and_outs_come_from_dvc_yaml():
     cell = declared["sweep/lstm/lr0.001"]
     assert cell.name == "baseline_sweep@lstm-0.001" and cell.outs == ("data/checkpoints/sweep/lstm/lr0.001.pt",
                                                                       "reports/timing/sweep/lstm/lr0.001.json")
-    assert cell.params == ("seed", "device", "eval_batch_size", "train", "lstm")
+    assert cell.params == ("seed", "device", "distributed", "eval_batch_size", "train", "lstm")
     assert declared["seeds/lstm/seed1"].name == "baseline_seeds@lstm-1"
     assert "data/lr/lstm.json" in declared["seeds/lstm/seed1"].deps
     assert "sweep/transformer/lr0.001" not in stages(default_params(baselines=["lstm"]))  # the matrix follows `baselines`

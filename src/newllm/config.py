@@ -124,6 +124,13 @@ class TrackingConfig:
     study: str | None = knob()  # a study's name (newllm study run sets it): every run is tagged newllm.study
 
 
+@dataclass
+class DistributedConfig:
+    # processes per training run: >1 runs each next-token stage under `torchrun --standalone
+    # --nproc_per_node=N` (torch DDP: gloo on CPU, nccl on CUDA; distributed.py)
+    nproc: int = knob(lo=1, hi=1024)
+
+
 # The `train:` section: every TrainConfig key, for all models (a model section may override any).
 TrainDefaults = dataclasses.make_dataclass("TrainDefaults", [
     (f.name, typing.get_type_hints(TrainConfig)[f.name], field(metadata=f.metadata))
@@ -154,6 +161,7 @@ class _Params:
     train: TrainDefaults = knob()  # type: ignore[valid-type]
     report: ReportConfig = knob()
     tracking: TrackingConfig = knob()
+    distributed: DistributedConfig = knob()
 
 
 # One section per registered model (phase2, transformer, ...), typed by its registry entry; a control may
@@ -241,6 +249,12 @@ def _cross_checks(p: Any) -> None:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"params.yaml: protocol.replicates must not repeat a seed or the top-level seed "
                           f"({p.seed}), got {p.protocol.replicates}")
+    n = p.distributed.nproc
+    for name in ("train", *SECTIONS):  # DDP: every rank trains on as many streams (the same tokens)
+        bs = getattr(getattr(p, name), "batch_size", None)
+        if n > 1 and bs is not None and bs % n:
+            raise ConfigError(f"params.yaml: {name}.batch_size ({bs}) must be divisible by distributed.nproc "
+                              f"({n}): each process trains on batch_size / nproc of the streams")
     if p.transformer.n_embd % p.transformer.n_head:
         raise ConfigError(f"params.yaml: transformer.n_embd ({p.transformer.n_embd}) must be divisible by "
                           f"transformer.n_head ({p.transformer.n_head})")

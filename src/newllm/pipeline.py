@@ -8,6 +8,7 @@ declared outputs are removed, so DVC can never cache half a result, and the MLfl
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -46,8 +47,12 @@ def make_deterministic() -> None:
 
 
 def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any], None],
-              precheck: Callable[[Params], None] | None = None) -> None:
+              precheck: Callable[[Params], None] | None = None, data_parallel: bool = False) -> None:
     """Validate params, open the stage's MLflow run, run `body(params, run)`, clean up on failure.
+
+    `data_parallel`: with `distributed.nproc` > 1 the stage re-executes itself under torchrun (once the
+    params are known good); rank 0 then opens the MLflow run and writes, the other ranks get a run that
+    logs and writes nothing (`run.main` False) and print nothing but errors.
 
     `stage` is the stage's record (its metrics file under reports/metrics/, dag.py): "tokenize",
     "sweep/lstm/lr0.001", or a function of the params giving it (a cell named by its command line, which
@@ -67,12 +72,22 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     outs = list(declared[record].outs)
-    from newllm import tracking  # MLflow and torch are imported only once the params are known to be good
+    from newllm import distributed, tracking  # MLflow and torch: only once the params are known to be good
 
+    if data_parallel and params.distributed.nproc > 1 and not distributed.launched():
+        distributed.relaunch(params.distributed.nproc)
     make_deterministic()
+    if distributed.launched():
+        if not data_parallel:
+            print(f"error: {record} runs as one process (distributed.nproc applies to the next-token stages); "
+                  "start it without torchrun", file=sys.stderr)
+            raise SystemExit(2)
+        distributed.init(params.device)
+        if not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the process's stdout, to its end)
 
     try:
-        with tracking.stage_run(record, params) as run:
+        with (tracking.stage_run if distributed.is_main() else tracking.rank_run)(record, params) as run:
             body(params, run)
     except PipelineError as e:
         _remove(outs)
@@ -105,4 +120,4 @@ def run_cell(name: str, argv: list[str], body: Callable[[Params, Any, Any], None
         resolved["cell"] = cell(params, MODELS[name].record, argv)
         return resolved["cell"].record
 
-    run_stage(record, lambda params, run: body(params, run, resolved["cell"]), precheck)
+    run_stage(record, lambda params, run: body(params, run, resolved["cell"]), precheck, data_parallel=True)

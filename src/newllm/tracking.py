@@ -320,6 +320,7 @@ class StageRun:
     resumed: dict[str, Any] | None = None  # the trainer's state saved by a killed run of this stage, if any
     curve: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] | None = None
+    main = True  # the process that writes (under DDP: rank 0; RankRun is the others')
 
     def save_resume(self, state: dict[str, Any]) -> None:
         """The trainer's whole state, with this run's id and curve so far (training/resume.py)."""
@@ -459,6 +460,31 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
             with contextlib.suppress(Exception):
                 monitor.finish()
         client.set_terminated(run_id, status)
+
+
+@dataclass
+class RankRun:
+    """What a DDP rank other than 0 gets for a run: StageRun's calls, logging and writing nothing. It
+    resumes from the same file as rank 0, so every rank starts at the same epoch."""
+
+    stage: str
+    declared: Any
+    resumed: dict[str, Any] | None = None
+    changed: str = "baseline"
+    main = False
+
+    def _nothing(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    save_resume = log_step = log_live = log_figure = log_params = log_tags = log_dataset = log_artifact = \
+        finish = _nothing
+
+
+@contextlib.contextmanager
+def rank_run(stage: str, params: Params) -> Iterator[RankRun]:
+    declared = stages(params)[stage]
+    saved = ResumeFile(stage, lambda: dep_key(params_hash(params, stage), declared.deps)).load()
+    yield RankRun(stage, declared, resumed=saved and saved["trainer"])
 
 
 def _system_metrics(run_id: str, uri: str) -> Any:

@@ -6,7 +6,7 @@ so reading a memmap end to end grows RSS to the file's size. `os.preadv` / `os.p
 cache, which the kernel owns and reclaims, and the process holds only the slab it asked for.
 
 `DiskArray` answers the few tensor calls the trainer and Phase 1 make on their per-position data:
-`shape` / `size()` / `dim()`, `a[:n]` (a prefix view along dim 0), `reshape(...)` (same bytes, C order) and,
+`shape` / `size()` / `dim()`, `a[i:j]` (a view of rows along dim 0), `reshape(...)` (same bytes, C order) and,
 on an array of >= 2 dims, `a[:, i:j]` (a read, one contiguous run per index of dim 0, returned as a
 Tensor) and `a[:, i:j] = values` (a write).
 """
@@ -66,14 +66,14 @@ class DiskArray:
 
     # ------------------------------------------------------------------------------------------- I/O
     def _slab(self, key) -> tuple[int, int] | None:
-        """key -> (i, j) for a[:, i:j] (None for a[:n], a prefix view); anything else is refused."""
+        """key -> (i, j) for a[:, i:j] (None for a[i:j], a view of rows); anything else is refused."""
         if isinstance(key, slice):
             return None
         if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None) and isinstance(key[1], slice)
                 and key[1].step in (None, 1) and self.dim() >= 2):
             i, j, _ = key[1].indices(self.shape[1])
             return i, max(i, j)
-        raise TypeError(f"DiskArray supports a[:n] and a[:, i:j], got {key!r}")
+        raise TypeError(f"DiskArray supports a[i:j] and a[:, i:j], got {key!r}")
 
     def _runs(self, i: int, j: int):
         """(byte offset, row index) of each contiguous run of a[:, i:j]."""
@@ -89,11 +89,12 @@ class DiskArray:
 
     def __getitem__(self, key) -> DiskArray | Tensor:
         slab = self._slab(key)
-        if slab is None:  # a[:n]: the first n entries of dim 0, still on disk
+        if slab is None:  # a[i:j]: entries i..j-1 of dim 0 (a prefix, or a DDP rank's rows), still on disk
             start, stop, step = key.indices(self.shape[0])
-            if start != 0 or step != 1:
-                raise TypeError(f"DiskArray supports prefixes a[:n] only, got {key!r}")
-            return self._view((stop, *self.shape[1:]), self._offset)
+            if step != 1:
+                raise TypeError(f"DiskArray supports a[i:j] with step 1 only, got {key!r}")
+            stop = max(start, stop)
+            return self._view((stop - start, *self.shape[1:]), self._offset + start * math.prod(self.shape[1:]))
         i, j = slab
         out = torch.empty((self.shape[0], j - i, *self.shape[2:]), dtype=self.dtype)
         if j > i:

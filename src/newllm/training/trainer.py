@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from newllm import distributed
 from newllm.errors import Diverged
 from newllm.registry import TrainConfig
 
@@ -148,8 +149,9 @@ def evaluate(model: nn.Module, ids: Tensor, seq_len: int | TrainConfig, batch_si
         model.to(device)
     was_training = model.training
     model.eval()
-    data = batchify(ids, batch_size).to(device)
-    ex = batchify_extras(extras, batch_size)
+    # under DDP each rank scores its block of rows and the sums are added (distributed.py)
+    data = distributed.shard_rows(batchify(ids, batch_size)).to(device)
+    ex = {k: distributed.shard_rows(v) for k, v in batchify_extras(extras, batch_size).items()}
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_correct = torch.zeros((), dtype=torch.long, device=device)
     total = 0
@@ -165,8 +167,12 @@ def evaluate(model: nn.Module, ids: Tensor, seq_len: int | TrainConfig, batch_si
         total_correct += (logits.argmax(-1) == y).sum()
         total += y.numel()
     model.train(was_training)
+    if distributed.world_size() > 1:
+        sums = distributed.all_sum(torch.stack([total_loss, total_correct.double(),
+                                                torch.tensor(float(total), dtype=torch.float64, device=device)]))
+        total_loss, total_correct, total = sums[0], sums[1], int(sums[2].item())
     loss = total_loss.item() / total
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "accuracy": total_correct.item() / total,
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "accuracy": int(total_correct.item()) / total,
             "tokens": total}
 
 
@@ -271,8 +277,14 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
     if cfg.max_tokens:
         train_ids = train_ids[: cfg.max_tokens]
         extras_train = {k: v[: cfg.max_tokens] for k, v in (extras_train or {}).items()}
-    train = batchify(train_ids, cfg.batch_size).to(device)
-    ex_train = batchify_extras(extras_train, cfg.batch_size)  # stays on the host: it can be large
+    # under DDP (distributed.py) each rank trains on its block of the batch's streams
+    train = distributed.shard_rows(batchify(train_ids, cfg.batch_size)).to(device)
+    ex_train = {k: distributed.shard_rows(v)  # stays on the host: it can be large
+                for k, v in batchify_extras(extras_train, cfg.batch_size).items()}
+    world, net = distributed.world_size(), distributed.wrap(model)
+    progress = progress and distributed.is_main()
+    if world > 1:  # a mid-epoch state is each rank's own carried state: resume from epoch ends only
+        checkpoint_every_s = math.inf
     eval_bs = eval_batch_size or cfg.batch_size
     spans = list(windows(train.size(1), cfg.seq_len))
 
@@ -319,10 +331,11 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
         for step, (i, t) in enumerate(bar, start=first):
             x, y = train[:, i:i + t], train[:, i + 1:i + 1 + t]
             with autocast(device):
-                logits, state = model(x, state, **{k: v[:, i:i + t].to(device, non_blocking=True)
-                                                  for k, v in ex_train.items()})
+                logits, state = net(x, state, **{k: v[:, i:i + t].to(device, non_blocking=True)
+                                                for k, v in ex_train.items()})
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-            value = loss.item()  # every step: a NaN must stop this step, not poison the run
+            # every step: a NaN must stop this step, not poison the run (on every rank at once: the mean)
+            value = loss.item() if world == 1 else distributed.all_sum(loss.detach().clone()).item() / world
             check_finite(value, f"epoch {epoch + 1} step {step + 1}", last_loss)
             last_loss = value
             opt.zero_grad(set_to_none=True)
@@ -354,6 +367,8 @@ def train_lm(model: nn.Module, train_ids: Tensor, val_ids: Tensor, cfg: TrainCon
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_train = time.perf_counter() - t0
+        if world > 1:  # every rank's tokens: the epoch's loss and rate are the whole batch's
+            sum_loss, n_tok = distributed.all_sum(sum_loss), n_tok * world
         loop["train_time"] += t_train
         loop["train_tokens"] += n_tok
 

@@ -1,0 +1,100 @@
+"""torch DDP under torchrun (distributed.py): 2 CPU processes (gloo) train a stage to the single-process
+numbers, with one MLflow run and one set of outputs; a rank that dies takes the job down."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import env, make_project, run
+
+pytestmark = pytest.mark.slow
+
+CELLS = {"baseline_sweep@lstm-0.01": "sweep/lstm/lr0.01", "phase2_sweep@0.01": "sweep/phase2_train/lr0.01"}
+
+
+def _set_nproc(project: Path, n: int) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["distributed"]["nproc"] = n
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _metrics(project: Path, record: str) -> dict:
+    return json.loads((project / f"reports/metrics/{record}.json").read_text())
+
+
+def _runs(project: Path, record: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(project / "mlflow.db") as con:
+        return con.execute("select r.run_uuid, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                           "where t.key = 'dvc.stage' and t.value = ? order by r.start_time", (record,)).fetchall()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    # no dropout: two processes then differ from one only in the order of float sums
+    return make_project(tmp_path_factory.mktemp("ddp") / "p", {
+        "baselines": ["lstm"], "lstm": {"dropout": 0.0}, "train": {"epochs": 3}})
+
+
+def test_two_processes_train_to_the_single_process_numbers(project: Path):
+    one = run(["dvc", "repro", *CELLS], project)
+    single = {r: _metrics(project, r) for r in CELLS.values()}
+    assert "torch.distributed.run" not in one.stdout + one.stderr
+    _set_nproc(project, 2)
+    two = run(["dvc", "repro", *CELLS], project)
+    ran = {line.split("'")[1] for line in two.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"validate", *CELLS}, ran  # the param is a dep of the training cells only
+    for record in CELLS.values():
+        a, b = single[record], _metrics(project, record)
+        assert (b["train_tokens"], b["val_tokens"], b["epochs_run"]) == (a["train_tokens"], a["val_tokens"], a["epochs_run"])
+        for key in ("val_loss", "test_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (record, key)  # float sums only
+        runs = _runs(project, record)
+        assert [s for _, s in runs] == ["FINISHED", "FINISHED"], runs  # one run per repro: rank 1 logs nothing
+    log = two.stdout + two.stderr
+    assert log.count("sweep/lstm/lr0.01: best val loss") == 1  # rank 1 prints nothing but errors
+
+
+def _worker_pids(rank: int) -> list[int]:
+    """PIDs of this machine's torchrun workers of the given rank (their environment says RANK=<rank>)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            environ = (d / "environ").read_bytes().split(b"\0")
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ) and b"stages/" in cmd:
+            found.append(int(d.name))
+    return found
+
+
+def test_a_rank_that_dies_takes_the_job_down_and_leaves_no_output(project: Path):
+    _set_nproc(project, 2)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["lstm"]["epochs"] = 200  # long enough to be killed mid-training
+    params["lstm"]["patience"] = 0
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    record = CELLS["baseline_sweep@lstm-0.01"]
+    before = len(_runs(project, record))
+    proc = subprocess.Popen(["dvc", "repro", "baseline_sweep@lstm-0.01"], cwd=project, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (pids := _worker_pids(1)) or len(_runs(project, record)) == before:
+        assert proc.poll() is None and time.monotonic() < deadline, "the 2-process stage did not start"
+        time.sleep(0.5)
+    time.sleep(2)  # into training
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-2000:]
+    assert "ChildFailedError" in out or "failed" in out.lower(), out[-2000:]
+    assert not (project / "data/checkpoints/sweep/lstm/lr0.01.pt").exists()  # no half-written output
+    assert not (project / f"reports/metrics/{record}.json").exists()
+    runs = _runs(project, record)
+    assert len(runs) == before + 1 and runs[-1][1] in ("KILLED", "FAILED"), runs  # never left RUNNING
