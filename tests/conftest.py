@@ -9,3 +9,12 @@ from helpers import make_project
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "proj")
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Path:
+    """The fault suite's scratch pipeline (tests/faults.py: tiny, New-LLM + the LSTM), reproduced once per
+    session and committed; a test that needs trained outputs works on its own copy (faults.copy_of)."""
+    from faults import base_project
+
+    return base_project(tmp_path_factory.mktemp("reproduced"))

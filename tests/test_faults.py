@@ -6,17 +6,12 @@ non-list `protocol.lrs` is refused by DVC itself, with its own error, while it e
 from pathlib import Path
 
 import pytest
-from faults import FAULTS, base_project
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return base_project(tmp_path_factory.mktemp("faults"))
+from faults import FAULTS
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_fault(fault: str, base: Path, tmp_path: Path):
-    row = FAULTS[fault](base, tmp_path)
+def test_fault(fault: str, reproduced: Path, tmp_path: Path):  # reproduced: conftest.py
+    row = FAULTS[fault](reproduced, tmp_path)
     assert row.ok, row
     assert row.cached == 0 and row.running == 0, row

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import VENV_BIN, default_params, env, make_project, run, use_project_dvc_yaml, write_params
+from faults import copy_of
+from helpers import VENV_BIN, default_params, env, run, use_project_dvc_yaml, write_params
 
 from newllm import tracking
 
@@ -165,12 +166,11 @@ def _runs(base: str, exp_id: str, where: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_team_server_holds_a_clones_runs_curves_and_artifacts(tmp_path):
+def test_a_team_server_holds_a_clones_runs_curves_and_artifacts(reproduced, tmp_path):
     """README's team setup, on loopback: an `mlflow server` with a SQL backend and proxied artifacts. A clone
     replays its DVC records into it (`newllm sync`) and runs a stage against it; params, curves and the
     stage's figure come back through the REST API, and the figure lives in the server's store."""
-    clone = make_project(tmp_path / "clone")
-    run(["dvc", "repro", "phase1_cvfp"], clone)  # into the clone's own sqlite file first
+    clone = copy_of(reproduced, tmp_path, "clone")  # reproduced (conftest.py) into its own sqlite file
     server = tmp_path / "server"
     server.mkdir()
     with mlflow_server(f"sqlite:///{server / 'mlflow.db'}", server, artifacts=server / "artifacts") as base:

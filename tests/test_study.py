@@ -67,13 +67,16 @@ def test_the_study_report_fits_slopes_and_states_the_expectation(tmp_path):
                 "test_ppl_ratio_vs_transformer": new / tf, "decision_band": "x",
                 "context_use": {"newllm": {"1": 6.0, "2": 5.5, "4": 5.4, "8": 5.4},
                                 "transformer": {"1": 6.0, "2": 5.0, "4": 4.6, "8": 4.5}}}
-    cells = {"a": {"report": report(1e6, 200.0, 100.0)}, "b": {"report": report(4e6, 150.0, 90.0)}}
+    cells = {"a": {"report": report(1e6, 200.0, 100.0), "params": {"train.max_tokens": 20000}},
+             "b": {"report": report(4e6, 150.0, 90.0), "params": {"train.max_tokens": 20000}}}
     summary = build_study_report("s-tiny", cells, tmp_path)
     assert summary["slopes"]["newllm"] == pytest.approx(math.log(150 / 200) / math.log(4))
     assert slope([1, 10, 100], [100, 10, 1]) == pytest.approx(-1.0)
     md = (tmp_path / "study.md").read_text()
     assert "expected 1.5–2.0× (2 of 2 cells inside)" in md and "the gap closes" in md
     assert "within 0.01 nats of that from 4 tokens on" in md  # New-LLM's horizon in the toy curve
+    assert "b: New-LLM test PPL 150.00: above 100: rethink the approach; the Transformer on the same tokens: 90.00, " \
+           "between 50 and 100: needs architecture work" in md and "first 20,000 tokens" in md
     assert (tmp_path / "figures" / "scaling.png").stat().st_size > 0 and (tmp_path / "study.html").is_file()
 
 

@@ -128,7 +128,17 @@ def build_study_report(label: str, cells: dict[str, dict[str, Any]], out_dir: Pa
 
     new_ppl = {c: cells[c]["report"].get("newllm_test_ppl") for c in cells}
     doc.heading("The research's decision bands (SPEC §5)")
-    doc.bullets([f"{c}: New-LLM test PPL {v:.2f}: {decision_band(v)}" for c, v in new_ppl.items() if v is not None])
+    bands = []
+    for c, v in new_ppl.items():
+        tf = cells[c]["report"].get("transformer_test_ppl")
+        if v is not None:  # the Transformer's band beside it: what this token budget allows any model
+            bands.append(f"{c}: New-LLM test PPL {v:.2f}: {decision_band(v)}"
+                         + (f"; the Transformer on the same tokens: {tf:.2f}, {decision_band(tf)}" if tf else ""))
+    budget = (next(iter(cells.values())).get("params") or {}).get("train.max_tokens")
+    if budget:
+        bands.append(f"The bands were stated for models trained on the whole corpus; these cells train on its first "
+                     f"{budget:,} tokens, so a band judges the budget as much as the model.")
+    doc.bullets(bands)
 
     (out_dir / "study.md").write_text(doc.markdown(out_dir), encoding="utf-8")
     (out_dir / "study.html").write_text(doc.html(), encoding="utf-8")
