@@ -209,3 +209,22 @@ def test_a_run_logs_its_token_cache_as_mlflow_datasets(store, tmp_path: Path):
     assert set(by_split) == {"train", "val", "test"}
     assert {d.name for d in by_split.values()} == {"template/word60"}
     assert json.loads(by_split["val"].profile) == {"tokens": 20}
+
+
+def test_a_trained_checkpoint_is_a_logged_model_pointing_at_the_dvc_tracked_file(store):
+    import hashlib
+
+    params, uri = store
+    with tracking.stage_run(CELL, params) as run:
+        ckpt = Path(run.declared.outs[0])  # data/checkpoints/sweep/phase2_train/lr0.001.pt
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_bytes(b"the weights")
+        run.finish({"val_loss": 1.5})
+    client, (r,) = _runs(uri)
+    (m,) = client.search_logged_models(experiment_ids=[r.info.experiment_id])
+    assert m.source_run_id == r.info.run_id and m.status.to_int() == m.status.READY.to_int()
+    assert m.tags["dvc.path"] == str(ckpt) and m.tags["dvc.md5"] == hashlib.md5(b"the weights").hexdigest()
+    assert [o.model_id for o in client.get_run(r.info.run_id).outputs.model_outputs] == [m.model_id]  # Models column
+    with tracking.stage_run("tokenize", params):  # no checkpoint among its outs: no model
+        pass
+    assert len(client.search_logged_models(experiment_ids=[r.info.experiment_id])) == 1
