@@ -443,6 +443,9 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
             if timing:
                 write_metrics(declared.timing_file, timing)
             client.log_batch(run_id, metrics=_final_metrics(tracked.final))
+        for out in declared.outs:
+            if out.endswith(".pt") and Path(out).is_file():
+                _log_checkpoint(client, exp_id, run_id, stage, Path(out))
         status = "FINISHED"
         resume_file.clear()
     except (KeyboardInterrupt, Terminated):
@@ -460,6 +463,25 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
             with contextlib.suppress(Exception):
                 monitor.finish()
         client.set_terminated(run_id, status)
+
+
+def _log_checkpoint(client: Any, exp_id: str, run_id: str, stage: str, path: Path) -> None:
+    """A trained checkpoint as an MLflow logged model (the runs table's Models column) that points at the
+    DVC-tracked file, by path and md5, instead of copying it into the artifact store: `dvc pull` or
+    `dvc exp apply` restores it and `newllm generate` loads it."""
+    import hashlib
+
+    from mlflow.entities import LoggedModelOutput
+
+    md5 = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+    model = client.create_logged_model(exp_id, name=re.sub(r"[/:.%\"']", "-", stage), source_run_id=run_id,
+                                       model_type="pytorch checkpoint (DVC-tracked)",
+                                       tags={"dvc.path": str(path), "dvc.md5": md5.hexdigest(), "dvc.stage": stage})
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
 
 
 @dataclass
