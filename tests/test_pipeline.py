@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from faults import copy_of
 from helpers import REPO, run
 from mlflow.tracking import MlflowClient
 
@@ -276,9 +277,10 @@ def _ran(stdout: str) -> set[str]:
     return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage")}
 
 
-def test_an_added_model_is_one_module_one_registry_entry_one_params_section(project: Path):
-    """Register a toy model in a copy of the project: it trains in its own stage, appears in the report
-    and in `newllm generate`, and nothing else needs an edit (dvc.yaml included)."""
+def test_an_added_model_is_one_module_one_registry_entry_one_params_section(reproduced: Path, tmp_path: Path):
+    """Register a toy model in a copy of a reproduced project (conftest.py): it trains in its own stage,
+    appears in the report and in `newllm generate`, and nothing else needs an edit (dvc.yaml included)."""
+    project = copy_of(reproduced, tmp_path, "proj")
     (project / "src/newllm/models/bigram.py").write_text(BIGRAM_MODULE)
     registry = project / "src/newllm/registry.py"
     text = registry.read_text()

@@ -85,13 +85,17 @@ def test_a_study_runs_each_cell_as_a_cached_experiment(tmp_path):
     """Two cells of the tiny pipeline as DVC experiments: both recorded, every run tagged, the workspace
     untouched, the report written; a cell rerun with one seed more trains only that seed."""
     proj = make_project(tmp_path / "p", {"baselines": ["transformer"]})
-    write_study(proj / "study.yaml")
+    # the cells differ in the Transformer alone: cell b restores every New-LLM stage of cell a from the run-cache
+    cells = {"a": {"transformer.n_layer": 1}, "b": {"transformer.n_layer": 2}}
+    write_study(proj / "study.yaml", cells=cells)
     run(["git", "add", "study.yaml"], proj)
     run(["git", "commit", "-qm", "study"], proj)
     newllm = [sys.executable, "-m", "newllm.cli"]
     before = (proj / "params.yaml").read_text()
     out = run([*newllm, "study", "run", "study.yaml", "--profile", "tiny"], proj, timeout=1200)
     assert "cell 2/2 s-tiny-b" in out.stdout
+    cell_b = out.stdout.split("cell 2/2 s-tiny-b")[1]
+    assert "Stage 'phase2_sweep@0.01' is cached" in cell_b and "Running stage 'baseline_sweep@transformer-0.01'" in cell_b
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=proj,
                           capture_output=True, text=True).stdout
     assert "/s-tiny-a" in refs and "/s-tiny-b" in refs
@@ -107,7 +111,7 @@ def test_a_study_runs_each_cell_as_a_cached_experiment(tmp_path):
     assert all(v is not None for v in summary["ratio_vs_transformer"].values())
 
     # Adding a seed reruns only the new seed's stages: DVC's run-cache restores every other one
-    write_study(proj / "study.yaml", profiles={"tiny": {"tokenizer.max_eval_tokens": 300,
+    write_study(proj / "study.yaml", cells=cells, profiles={"tiny": {"tokenizer.max_eval_tokens": 300,
                                                         "protocol.replicates": [1, 2]}})
     run(["git", "commit", "-qam", "a seed more"], proj)
     again = run([*newllm, "study", "run", "study.yaml", "--profile", "tiny", "--cells", "a"], proj, timeout=600)

@@ -38,12 +38,16 @@ def load_params_or_exit(path: str = "params.yaml") -> Params:
 def make_deterministic() -> None:
     """Same params and seed -> same metrics on CPU: without this, the parallel scatter-add of embedding
     gradients sums in thread order and Phase 1's weights differ in their last bits from run to run."""
-    import os
-
     import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
-    torch.use_deterministic_algorithms(True, warn_only=True)  # a CUDA op without a deterministic kernel warns
+    # = torch.use_deterministic_algorithms(True, warn_only=True) (a CUDA op without a deterministic kernel
+    # warns) without its import of torch._inductor's config: 1.7 s per stage, for torch.compile, never used
+    set_mode = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_mode is None:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        set_mode(True, warn_only=True)
 
 
 def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any], None],
