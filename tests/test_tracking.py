@@ -228,3 +228,20 @@ def test_a_trained_checkpoint_is_a_logged_model_pointing_at_the_dvc_tracked_file
     with tracking.stage_run("tokenize", params):  # no checkpoint among its outs: no model
         pass
     assert len(client.search_logged_models(experiment_ids=[r.info.experiment_id])) == 1
+
+
+def test_a_store_without_logged_models_does_not_fail_a_finished_stage(store, monkeypatch, capsys):
+    params, uri = store
+
+    def no_models(*args):
+        raise RuntimeError("this server has no logged-models API")
+
+    monkeypatch.setattr(tracking, "_log_checkpoint", no_models)
+    with tracking.stage_run(CELL, params) as run:
+        ckpt = Path(run.declared.outs[0])
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_bytes(b"the weights")
+        run.finish({"val_loss": 1.5})
+    _, (r,) = _runs(uri)
+    assert r.info.status == "FINISHED" and json.loads(Path(f"reports/metrics/{CELL}.json").read_text()) == {"val_loss": 1.5}
+    assert "was not logged as an MLflow model (RuntimeError: this server has no logged-models API)" in capsys.readouterr().err

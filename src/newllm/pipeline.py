@@ -79,6 +79,10 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
     from newllm import distributed, tracking  # MLflow and torch: only once the params are known to be good
 
     if data_parallel and params.distributed.nproc > 1 and not distributed.launched():
+        if params.eval_batch_size < params.distributed.nproc:  # every rank scores at least one row
+            print(f"error: params.yaml: eval_batch_size ({params.eval_batch_size}) must be >= distributed.nproc "
+                  f"({params.distributed.nproc}): each process scores eval_batch_size / nproc rows", file=sys.stderr)
+            raise SystemExit(2)
         distributed.relaunch(params.distributed.nproc)
     make_deterministic()
     if distributed.launched():
@@ -90,8 +94,11 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
         if not distributed.is_main():
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the process's stdout, to its end)
 
+    main = distributed.is_main()
+    if not main:  # under DDP the outputs are rank 0's: another rank never removes them
+        outs = []
     try:
-        with (tracking.stage_run if distributed.is_main() else tracking.rank_run)(record, params) as run:
+        with (tracking.stage_run if main else tracking.rank_run)(record, params) as run:
             body(params, run)
     except PipelineError as e:
         _remove(outs)
@@ -99,6 +106,8 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
         raise SystemExit(1) from None
     except (KeyboardInterrupt, tracking.Terminated) as e:  # one line, not a traceback; the run ended KILLED
         _remove(outs)
+        if not main:  # torchrun stopping this rank because another one failed: rank 0 says what happened
+            raise SystemExit(143) from None
         name = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
         from newllm.training.resume import RESUME_DIR
 

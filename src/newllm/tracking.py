@@ -445,7 +445,11 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
             client.log_batch(run_id, metrics=_final_metrics(tracked.final))
         for out in declared.outs:
             if out.endswith(".pt") and Path(out).is_file():
-                _log_checkpoint(client, exp_id, run_id, stage, Path(out))
+                try:  # a reference for the UI: a store without MLflow 3's logged models must not fail the stage
+                    _log_checkpoint(client, exp_id, run_id, stage, Path(out))
+                except Exception as e:
+                    print(f"{stage}: warning: the checkpoint was not logged as an MLflow model ({type(e).__name__}: "
+                          f"{str(e)[:200]})", file=sys.stderr)
         status = "FINISHED"
         resume_file.clear()
     except (KeyboardInterrupt, Terminated):
@@ -506,7 +510,15 @@ class RankRun:
 def rank_run(stage: str, params: Params) -> Iterator[RankRun]:
     declared = stages(params)[stage]
     saved = ResumeFile(stage, lambda: dep_key(params_hash(params, stage), declared.deps)).load()
-    yield RankRun(stage, declared, resumed=saved and saved["trainer"])
+
+    def on_term(signum: int, frame: Any) -> None:  # torchrun's stop: unwind, so the stage's cleanup runs
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield RankRun(stage, declared, resumed=saved and saved["trainer"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _system_metrics(run_id: str, uri: str) -> Any:
