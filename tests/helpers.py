@@ -3,6 +3,7 @@ in its own git + DVC repo."""
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,11 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600,
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
+
+
+def ran_stages(output: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran ("Running stage 'name':")."""
+    return set(re.findall(r"^Running stage '([^']+)'", output, flags=re.M))
 
 
 def make_project(dest: Path, overrides: dict | None = None) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from faults import copy_of, set_params
-from helpers import env, run
+from helpers import env, ran_stages, run
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_two_processes_train_to_the_single_process_numbers(reproduced: Path, tmp
     single = {r: _metrics(project, r) for r in CELLS.values()}
     set_params(project, {"distributed": {"nproc": 2}})
     two = run(["dvc", "repro", *CELLS], project)
-    ran = {line.split("'")[1] for line in two.stdout.splitlines() if line.startswith("Running stage")}
+    ran = ran_stages(two.stdout)
     assert ran == {"validate", *CELLS}, ran  # the param is a dep of the training cells only
     for record in CELLS.values():
         a, b = single[record], _metrics(project, record)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from faults import copy_of
-from helpers import REPO, run
+from helpers import REPO, ran_stages, run
 from mlflow.tracking import MlflowClient
 
 from newllm.report.browser import find_chromium, render_page
@@ -140,14 +140,14 @@ def _team_clone(project: Path) -> Path:
     run(["git", "clone", "-q", "-b", "main", str(team), str(clone)], project.parent)
     run(["dvc", "pull", "--run-cache"], clone)
     assert (clone / "data/checkpoints/phase1/seed0.pt").is_file()
-    assert _ran(run(["dvc", "repro"], clone).stdout) == ALWAYS
+    assert ran_stages(run(["dvc", "repro"], clone).stdout) == ALWAYS
     assert set(yaml.safe_load(run(["dvc", "status", "--json"], clone).stdout)) == ALWAYS
     return clone
 
 
 def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     first = run(["dvc", "repro"], project)
-    ran = _ran(first.stdout)
+    ran = ran_stages(first.stdout)
     assert ran == ALWAYS | {"generate_dataset", "tokenize", "phase1_cvfp", "phase1_seeds@1", "param_budget", "pick_lr",
                    "report"} | _cells("sweep", [0.01]) | _cells("seeds", [1]), ran
     assert (project / "data/dataset/train.txt").is_file() and (project / "data/tokens/train.npy").is_file()
@@ -160,7 +160,7 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
 
     t0 = time.time()
     again = run(["dvc", "repro"], project)
-    assert _ran(again.stdout) == ALWAYS and time.time() - t0 < 15
+    assert ran_stages(again.stdout) == ALWAYS and time.time() - t0 < 15
 
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
@@ -183,7 +183,7 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     moved = [r for r in after if after[r] != before[r]]
     family = {"phase2_train": "phase2_seeds@1", "phase1_off": "phase1_off_seeds@1", "end_to_end": "end_to_end_seeds@1"}
     expected = ALWAYS | _cells("sweep", [0.03]) | {"pick_lr", "report"} | {family.get(r, f"baseline_seeds@{r}-1") for r in moved}
-    assert _ran(lrs.stdout) == expected, (lrs.stdout[-3000:], moved)
+    assert ran_stages(lrs.stdout) == expected, (lrs.stdout[-3000:], moved)
 
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
     assert "lr2" in shown
@@ -193,7 +193,7 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     assert "lr2" in run(["dvc", "exp", "show", "--no-pager", "--csv"], clone).stdout
     run(["dvc", "exp", "apply", "lr2"], clone)
     assert (clone / "reports/metrics/report.json").read_text() == (project / "reports/metrics/report.json").read_text()
-    assert _ran(run(["dvc", "repro"], clone).stdout) == ALWAYS  # lr2's outputs came with it
+    assert ran_stages(run(["dvc", "repro"], clone).stdout) == ALWAYS  # lr2's outputs came with it
     # DVC's own views: only params and results differ (no timing column), and `dvc plots diff` of the
     # experiment against its baseline plots losses and renders with no network (its vega is inlined).
     changed = run(["dvc", "exp", "show", "--no-pager", "--csv", "--only-changed"], project).stdout.splitlines()[0]
@@ -271,10 +271,6 @@ class BigramConfig(TrainConfig):
 
 
 '''
-
-
-def _ran(stdout: str) -> set[str]:
-    return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage")}
 
 
 def test_an_added_model_is_one_module_one_registry_entry_one_params_section(reproduced: Path, tmp_path: Path):

@@ -2,14 +2,13 @@
 
 import json
 import math
-import re
 import sqlite3
 import subprocess
 import sys
 
 import pytest
 import yaml
-from helpers import REPO, make_project, run
+from helpers import REPO, make_project, ran_stages, run
 
 from newllm.errors import PipelineError
 from newllm.report.study import build_study_report, slope
@@ -116,7 +115,7 @@ def test_a_study_runs_each_cell_as_a_cached_experiment(tmp_path):
     run(["git", "commit", "-qam", "a seed more"], proj)
     again = run([*newllm, "study", "run", "study.yaml", "--profile", "tiny", "--cells", "a"], proj, timeout=600)
     log = again.stdout + again.stderr
-    ran = set(re.findall(r"Running stage '([^']+)'", log))
+    ran = ran_stages(log)
     assert "Stage 'phase1_cvfp' is cached" in log and "Stage 'phase2_sweep@0.01' is cached" in log
     assert {s for s in ran if not s.endswith("2")} == {"validate", "report"}, ran  # validate: always runs
     assert {"phase1_seeds@2", "phase2_seeds@2"} <= ran

@@ -404,12 +404,22 @@ def _reattach(client: Any, exp_id: str, run_id: str, tags: dict[str, str]) -> bo
     return True
 
 
+def _raise_terminated(signum: int, frame: Any) -> None:
+    """SIGTERM handler: unwind the stage as an exception, so its run ends KILLED and its cleanup runs."""
+    raise Terminated(signal.Signals(signum).name)
+
+
+def _resume_file(stage: str, params: Params, declared: Any) -> ResumeFile:
+    """Every rank of a stage reads the one file, keyed by the stage's params and deps."""
+    return ResumeFile(stage, lambda: dep_key(params_hash(params, stage), declared.deps))
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     """The stage's MLflow run around its body: a resume continues the killed run's (same id, curve
     continued); divergence (`Diverged`) discards the resume file, any other failure keeps it."""
     declared = stages(params)[stage]
-    resume_file = ResumeFile(stage, lambda: dep_key(params_hash(params, stage), declared.deps))
+    resume_file = _resume_file(stage, params, declared)
     saved = resume_file.load()
     client, exp_id = init_store(params)
     for run_id in end_orphans(client, exp_id, stage, keep=saved and saved["run_id"]):
@@ -426,10 +436,7 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     if saved:
         print(f"{stage}: resuming from {resume_file.path} ({_position(saved['trainer'])})", flush=True)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise Terminated(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     status = "FAILED"
     monitor = _system_metrics(run_id, tracking_uri(params))
     try:
@@ -509,12 +516,8 @@ class RankRun:
 @contextlib.contextmanager
 def rank_run(stage: str, params: Params) -> Iterator[RankRun]:
     declared = stages(params)[stage]
-    saved = ResumeFile(stage, lambda: dep_key(params_hash(params, stage), declared.deps)).load()
-
-    def on_term(signum: int, frame: Any) -> None:  # torchrun's stop: unwind, so the stage's cleanup runs
-        raise Terminated(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
+    saved = _resume_file(stage, params, declared).load()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # torchrun's stop: the stage's cleanup runs
     try:
         yield RankRun(stage, declared, resumed=saved and saved["trainer"])
     finally:
