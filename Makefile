@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 # Stage commands say `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test lint ui server sync faults clean
+.PHONY: install run test lint ui server sync screenshots faults clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -48,6 +48,9 @@ server: $(STAMP)  # a team's tracking server, locally: SQL backend + proxied art
 
 sync: $(STAMP)
 	$(BIN)/newllm sync
+
+screenshots: $(STAMP)  # README's pictures from this store and report (needs Chromium: apt-get install chromium)
+	$(BIN)/newllm screenshots
 
 faults: $(STAMP)  # the fault suite on a scratch copy of the pipeline, as a table (a few minutes)
 	$(BIN)/python benchmarks/faults.py

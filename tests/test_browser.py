@@ -1,19 +1,18 @@
-"""Headless Chromium renders the MLflow runs page (served by a real `mlflow server`) and a static HTML
-report page. Set NEWLLM_SAVE_SCREENSHOTS=1 to also copy the runs-page screenshot to
-reports/screenshots/mlflow_runs.png of this repository."""
+"""Headless Chromium renders the MLflow pages `make ui` prints (served by a real `mlflow server`) and a
+static HTML report page. README's pictures come from the same code over the project's own store:
+`newllm screenshots`."""
 
 import base64
 import io
-import os
-import shutil
+import itertools
+import re
 from pathlib import Path
 
 import pytest
-from helpers import REPO
-from test_mlflow_server import api, mlflow_server, two_run_store
+from test_mlflow_server import CELL, CONTEXT_DIMS, api, label, mlflow_server, two_run_store
 
-from newllm import cli
-from newllm.report.browser import find_chromium, render_page
+from newllm import tracking
+from newllm.report.browser import find_chromium, mlflow_pages, render_page
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no Chromium binary found (Debian: "
                                 "apt-get install chromium; .ci/run installs it; or set NEWLLM_CHROMIUM)")
@@ -21,27 +20,34 @@ pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no Chromium bin
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_mlflow_runs_page_renders_both_runs(tmp_path: Path):
-    uri, run_ids = two_run_store(tmp_path)
+def _first_chart_legend(dom: str) -> tuple[str, list[str]]:
+    """(metric, run names) of the first chart in the chart view: its legend reads `<run name> (<metric>)`."""
+    entries = re.findall(r">([^<>]+) \((curves/[a-z_]+)\)<", dom)
+    assert entries, dom[-2000:]
+    metric = entries[0][1]
+    return metric, [name for name, m in itertools.takewhile(lambda e: e[1] == metric, entries)]
+
+
+def test_the_pages_make_ui_prints_open_on_the_runs_and_one_loss_curve_per_ablation(tmp_path: Path):
+    uri, run_ids = two_run_store(tmp_path)  # the default run and two context_dim ablations
     with mlflow_server(uri, tmp_path) as base:
         exp_id = api(base, "experiments/get-by-name", {"experiment_name": "t"})["experiment"]["experiment_id"]
-        shot = tmp_path / "mlflow_runs.png"
-        dom = render_page(cli.runs_url(base, exp_id), screenshot=shot, budget_ms=15000)  # what `make ui` prints
-    assert "Runs" in dom and "Welcome" not in dom  # the runs table, not MLflow's GenAI home
-    for label in ("context_dim=16", "context_dim=32"):  # one parent run per experiment, named by its change
-        assert label in dom, dom[-2000:]
-    with mlflow_server(uri, tmp_path) as base:  # the chart view `make ui` also prints opens on the loss curves
-        charts = render_page(cli.runs_url(base, exp_id) + "?compareRunsMode=CHART", budget_ms=15000)
-    # sections in page order: "curves" (the loss curves) first; a section's charts show once its runs are
-    # expanded under their parents
-    at = {name: charts.find(f">{name}<") for name in ("curves", "Model metrics", "System metrics")}
-    assert 0 < at["curves"] < min(at["Model metrics"], at["System metrics"]), at
-    png = shot.read_bytes()
-    assert png.startswith(PNG_MAGIC) and len(png) > 20_000  # a rendered page, not a blank one
-    if os.environ.get("NEWLLM_SAVE_SCREENSHOTS") == "1":
-        dest = REPO / "reports" / "screenshots" / "mlflow_runs.png"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, dest)
+        links = tracking.ui_links(base, exp_id, CELL)  # what `make ui` prints
+        doms = mlflow_pages(links, tmp_path / "shots")
+    runs = doms["runs"]
+    # the runs table in MLflow's model-training mode, not the GenAI home or its "Training runs" pages
+    assert "Runs" in runs and "Welcome" not in runs and "Evaluation runs" not in runs, runs[-2000:]
+    for name in ("baseline @ ", "context_dim=16 @ ", "context_dim=32 @ "):  # one parent per experiment, named by its change
+        assert name in runs, runs[-2000:]
+    curves = doms["curves"]
+    at = {name: curves.find(f">{name}<") for name in ("curves", "Model metrics", "System metrics")}
+    assert 0 < at["curves"] < min(at["Model metrics"], at["System metrics"]), at  # the loss curves first
+    metric, legend = _first_chart_legend(curves)
+    assert metric.endswith("loss"), metric
+    assert sorted(legend) == sorted(f"{label(e)} | {CELL}" for e in CONTEXT_DIMS), legend  # one line per ablation
+    for name in ("runs", "curves"):
+        png = (tmp_path / "shots" / f"mlflow_{name}.png").read_bytes()
+        assert png.startswith(PNG_MAGIC) and len(png) > 20_000  # a rendered page, not a blank one
 
 
 def _png_data_uri() -> str:

@@ -3,15 +3,9 @@
 `mlflow_server` and `two_run_store` are imported by test_browser.py too.
 """
 
-import contextlib
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -19,17 +13,22 @@ from pathlib import Path
 
 import pytest
 from faults import copy_of
-from helpers import VENV_BIN, default_params, env, run, use_project_dvc_yaml, write_params
+from helpers import default_params, env, run, use_project_dvc_yaml, write_params
 
 from newllm import tracking
 
-CONTEXT_DIMS = {"exp-ctx16": 16, "exp-ctx32": 32}  # DVC experiment name -> context_dim
+# DVC experiment name -> context_dim: the workspace at the committed params.yaml (256), two ablations
+CONTEXT_DIMS = {"workspace": 256, "exp-ctx16": 16, "exp-ctx32": 32}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def label(exp_name: str) -> str:
+    """What a stage run's name ends with: its experiment's change against the commit (tracking.ablation_label)."""
+    ctx = CONTEXT_DIMS[exp_name]
+    return "baseline" if ctx == 256 else f"context_dim={ctx}"
+
+
+def val_loss(ctx: int, step: int) -> float:
+    return 3.0 - step * ctx / 1000
 
 
 def _get(url: str, timeout: float = 10.0) -> bytes:
@@ -52,8 +51,8 @@ CELL = "sweep/phase2_train/lr0.001"  # one sweep cell of New-LLM (dvc.yaml)
 
 
 def two_run_store(root: Path) -> tuple[str, dict[str, str]]:
-    """A SQLite store under `root` holding two FINISHED runs of one New-LLM sweep cell written by tracking.stage_run,
-    one per experiment of CONTEXT_DIMS, each with a 3-point `val_loss` history and nested under its experiment's
+    """A SQLite store under `root` holding FINISHED runs of one New-LLM sweep cell written by tracking.stage_run,
+    one per experiment of CONTEXT_DIMS (the default run and two ablations), each with a 3-point `val_loss` history and nested under its experiment's
     parent run (named `context_dim=<n>` against the default params.yaml, committed in `root`); returns (uri,
     exp -> run id)."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -71,52 +70,15 @@ def two_run_store(root: Path) -> tuple[str, dict[str, str]]:
             params = default_params(context_dim=ctx, tracking={"uri": uri, "experiment": "t"})
             with tracking.stage_run(CELL, params) as run:
                 for step in range(3):
-                    run.log_step({"val_loss": 3.0 - step * ctx / 100}, step=step)
-                run.finish({"val_ppl": math.exp(3.0 - 2 * ctx / 100), "params_total": 1000 * ctx})
+                    run.log_step({"val_loss": val_loss(ctx, step)}, step=step)
+                run.finish({"val_loss": val_loss(ctx, 2), "val_ppl": math.exp(val_loss(ctx, 2)), "params_total": 1000 * ctx})
             run_ids[exp] = run.run_id
     return uri, run_ids
 
 
-@contextlib.contextmanager
-def mlflow_server(backend_uri: str, workdir: Path, timeout: float = 45.0,
-                  artifacts: Path | None = None) -> Iterator[str]:
-    """`mlflow server` on a free loopback port over `backend_uri`; yields its base URL once /health answers.
-    `artifacts`: the server stores artifacts there and proxies them (clients never see the path), as a
-    team's server does with S3. The server runs in its own session and is ended with all its children
-    (uvicorn worker) on exit."""
-    port = _free_port()
-    store = (["--artifacts-destination", artifacts.as_uri(), "--serve-artifacts"] if artifacts else
-             ["--default-artifact-root", (workdir / "mlartifacts").as_uri()])
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, *store,
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    # No background job consumers (GenAI scorers): they are several extra processes on a 2-core machine.
-    server_env = {**env(), "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log_path = workdir / "mlflow-server.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=server_env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            with contextlib.suppress(urllib.error.URLError, OSError):
-                if _get(f"{base}/health", timeout=2) == b"OK":
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server not healthy in {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+def mlflow_server(backend_uri: str, workdir: Path, artifacts: Path | None = None):
+    """The product's loopback server (tracking.local_server: free port, stopped by its PID on exit)."""
+    return tracking.local_server(backend_uri, workdir, artifacts=artifacts)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +101,7 @@ def test_server_serves_both_runs_params_and_experiment_tag(served):
         r = runs[run_id]
         params = {p["key"]: p["value"] for p in r["data"]["params"]}
         tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
-        assert r["info"]["run_name"] == f"{CELL}:{exp_name}" and r["info"]["status"] == "FINISHED"
+        assert r["info"]["run_name"] == f"{label(exp_name)} | {CELL}" and r["info"]["status"] == "FINISHED"
         assert params["context_dim"] == str(CONTEXT_DIMS[exp_name]) and params["lr"] == "0.001"
         assert tags["dvc.exp_name"] == exp_name and tags["dvc.stage"] == CELL
         assert {m["key"] for m in r["data"]["metrics"]} >= {"curves/val_loss", "summary/val_ppl", "summary/params_total"}
@@ -158,7 +120,7 @@ def test_server_serves_metric_histories(served):
         hist = api(base, "metrics/get-history", {"run_id": run_id, "metric_key": "curves/val_loss"})["metrics"]
         ctx = CONTEXT_DIMS[exp_name]
         assert [m["step"] for m in hist] == [0, 1, 2]
-        assert [m["value"] for m in hist] == pytest.approx([3.0 - s * ctx / 100 for s in range(3)])
+        assert [m["value"] for m in hist] == pytest.approx([val_loss(ctx, s) for s in range(3)])
 
 
 def _runs(base: str, exp_id: str, where: str) -> list[dict]:

@@ -217,7 +217,7 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     runs = _runs_by_stage(project)
     assert len(runs["generate_dataset"]) == 1 and len(runs["tokenize"]) == 1  # nothing upstream reran
     (new,) = runs["sweep/phase2_train/lr0.03"]
-    assert new.data.tags["dvc.exp_name"] == "lr2" and new.info.run_name == "sweep/phase2_train/lr0.03:lr2"
+    assert new.data.tags["dvc.exp_name"] == "lr2" and new.info.run_name == "protocol.lrs=[0.01, 0.03] | sweep/phase2_train/lr0.03"
     assert new.data.params["lr"] == "0.03" and new.data.params["context_dim"] == "16"
     assert [m.step for m in MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(
         new.info.run_id, "curves/val_loss")] == [1, 2]

@@ -44,7 +44,7 @@ def test_stage_run_logs_params_curves_tags_and_writes_dvc_files(store, monkeypat
             run.log_step({"loss": 1.0 / (i + 1), "er_pct": 10.0 * i}, step=i)
         run.finish({"er_pct": 20.0, "params_total": 123})
     client, (r,) = _runs(uri)
-    assert r.info.status == "FINISHED" and r.info.run_name == "phase1/seed0:exp-ctx512"
+    assert r.info.status == "FINISHED" and r.info.run_name == "baseline | phase1/seed0"  # named by what its experiment changed: nothing here
     assert r.data.params["phase1.lr"] == "0.002" and r.data.params["context_dim"] == "256"
     assert "phase2.streams" not in r.data.params  # only what the stage reads
     assert [m.value for m in client.get_metric_history(r.info.run_id, "phase1/loss")] == [1.0, 0.5, 1 / 3]

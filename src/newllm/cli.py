@@ -44,9 +44,14 @@ def _check_port_free(port: int) -> None:
                                 f"another, `newllm ui --port {port + 1}` or `make ui PORT={port + 1}`") from None
 
 
-def runs_url(base: str, exp_id: str) -> str:
-    """The deep link `make ui` prints: the experiment's runs table (MLflow's root URL lands on its GenAI home)."""
-    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs"
+def curves_stage(params) -> str:
+    """The run `make ui`'s curves link overlays across experiments: New-LLM on its first replicate seed (at
+    the lr its experiment picked), else its sweep cell on the first lr."""
+    from newllm import protocol
+
+    reps = params.protocol.replicates
+    return (protocol.seed_record("phase2_train", reps[0]) if reps else
+            protocol.sweep_record("phase2_train", params.protocol.lrs[0]))
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -58,12 +63,38 @@ def _ui(args: argparse.Namespace) -> int:
     uri = tracking.tracking_uri(params)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
-    runs = runs_url(f"http://127.0.0.1:{args.port}", exp_id)
-    print(f"MLflow UI over {uri}; Ctrl-C to stop\n  runs:   {runs}\n  charts: {runs}?compareRunsMode=CHART",
+    links = tracking.ui_links(f"http://127.0.0.1:{args.port}", exp_id, curves_stage(params))
+    print(f"MLflow UI over {uri}; Ctrl-C to stop\n  runs:   {links['runs']}\n"
+          f"  curves: {links['curves']}\n          ({curves_stage(params)} of every experiment, best val loss first)",
           flush=True)
     # No background job workers: the UI alone is what a laptop needs (MLflow 3 starts several otherwise).
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return subprocess.call(cmd, env=env)
+
+
+def _screenshots(args: argparse.Namespace) -> int:
+    """README's pictures from this project's own store and report: the pages `make ui` prints, served by a
+    real `mlflow server` on a free loopback port, and the top of reports/report.html."""
+    import contextlib
+    import tempfile
+
+    from newllm import tracking
+    from newllm.report.browser import mlflow_pages, render_page
+
+    params = load_params_or_exit(args.params)
+    _, exp_id = tracking.init_store(params)
+    uri, out = tracking.tracking_uri(params), Path(args.out)
+    with contextlib.ExitStack() as stack:
+        if uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
+            base = uri
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="newllm-ui-")))
+            base = stack.enter_context(tracking.local_server(uri, work))
+        mlflow_pages(tracking.ui_links(base, exp_id, curves_stage(params)), out)
+    if Path("reports/report.html").is_file():
+        render_page(Path("reports/report.html"), screenshot=out / "report.png", budget_ms=3000, window=(1200, 1400))
+    print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.png')))} to {out}/")
+    return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -185,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ui = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 over the project's store")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=_ui)
+    shots = sub.add_parser("screenshots", help="README's pictures: the MLflow pages `make ui` prints, and the report")
+    shots.add_argument("--out", default="reports/screenshots")
+    shots.set_defaults(fn=_screenshots)
     sub.add_parser("plots-template", help="write the offline HTML template of `dvc plots show/diff`"
                    ).set_defaults(fn=_plots_template)
     compare = sub.add_parser("compare", help="ablation table + figure over the MLflow runs of the training stages")

@@ -237,8 +237,15 @@ def run_tags(params: Params, stage: str) -> dict[str, str]:
         "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV") or commit,
         "params_hash": params_hash(params, stage),
         "mlflow.source.git.commit": commit,
-        "mlflow.runName": f"{stage}:{dvc_exp_name()}",
     }
+
+
+def nested_tags(params: Params, stage: str, parent_id: str, label: str) -> dict[str, str]:
+    """A stage run's tags under its experiment's parent. Its name starts with what the experiment changed,
+    so a chart legend or a narrow Run Name column reads `context_dim=128 | seeds/phase2_train/seed1`, not a
+    random DVC experiment name (that is the tag dvc.exp_name)."""
+    return {**run_tags(params, stage), PARENT_ID_TAG: parent_id, CHANGED_TAG: label,
+            "mlflow.runName": f"{label} | {stage}"}
 
 
 def _alive(pid: int) -> bool:
@@ -425,7 +432,7 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     for run_id in end_orphans(client, exp_id, stage, keep=saved and saved["run_id"]):
         print(f"{stage}: ended MLflow run {run_id} KILLED (its process is gone)", file=sys.stderr)
     parent_id, label = experiment_parent(client, exp_id, params)
-    tags = {**run_tags(params, stage), PARENT_ID_TAG: parent_id, CHANGED_TAG: label}
+    tags = nested_tags(params, stage, parent_id, label)
     if saved and _reattach(client, exp_id, saved["run_id"], tags):
         run_id = saved["run_id"]
     else:
@@ -609,7 +616,7 @@ def sync(params: Params, records: list[str] | None = None) -> list[str]:
             max_results=1)
         if found:
             continue
-        tags = {**run_tags(params, stage), "newllm.synced": "true", PARENT_ID_TAG: parent_id, CHANGED_TAG: label}
+        tags = {**nested_tags(params, stage, parent_id, label), "newllm.synced": "true"}
         run_id = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id
         try:
             final = json.loads(metrics_file.read_text())
@@ -637,3 +644,71 @@ def sync(params: Params, records: list[str] | None = None) -> list[str]:
             raise
         created.append(stage)
     return created
+
+
+# ----------------------------------------------------------------------------------------------- UI
+ML_MODE = {"workflowType": "machine_learning"}  # MLflow 3's "Model training" pages, not its GenAI home
+
+
+def ui_links(base: str, exp_id: str, curves_stage: str) -> dict[str, str]:
+    """The MLflow UI pages `make ui` prints: the runs table (one parent per DVC experiment) and `curves`,
+    the chart view of one stage's run in every experiment, best val loss first. Any sort but by time lists
+    nested runs flat (MLflow nests children only when sorted by start time), so its charts draw one line per
+    experiment with no parent to expand."""
+    from urllib.parse import quote, urlencode
+
+    page = f"{base.rstrip('/')}/#/experiments/{exp_id}/runs"
+    curves = {**ML_MODE, "compareRunsMode": "CHART", "searchFilter": f"tags.`dvc.stage` = '{curves_stage}'",
+              "orderByKey": f"metrics.`{SUMMARY}val_loss`", "orderByAsc": "true"}
+    return {"runs": f"{page}?{urlencode(ML_MODE)}", "curves": f"{page}?{urlencode(curves, quote_via=quote)}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(backend_uri: str, workdir: Path, artifacts: Path | None = None,
+                 timeout: float = 45.0) -> Iterator[str]:
+    """A real `mlflow server` over `backend_uri` on a free 127.0.0.1 port; yields its base URL once /health
+    answers, and ends it (its whole process group: the uvicorn worker too) on exit, failure included.
+    `artifacts`: the server stores artifacts there and proxies them, as a team's server does with S3."""
+    import urllib.error
+    import urllib.request
+
+    port = _free_port()
+    store = (["--artifacts-destination", artifacts.as_uri(), "--serve-artifacts"] if artifacts else
+             ["--default-artifact-root", (workdir / "mlartifacts").as_uri()])
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, *store,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # No background job consumers (GenAI scorers): several extra processes a laptop does not need.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log_path = workdir / "mlflow-server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise PipelineError(f"mlflow server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(urllib.error.URLError, OSError):
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                    if resp.read() == b"OK":
+                        break
+            if time.monotonic() > deadline:
+                raise PipelineError(f"mlflow server not healthy in {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

@@ -80,3 +80,11 @@ def render_page(page: str | os.PathLike, screenshot: Path | None = None, budget_
     if screenshot is not None and not screenshot.is_file():
         raise BrowserError(f"Chromium wrote no screenshot for {url} at {screenshot}")
     return dom
+
+
+def mlflow_pages(links: dict[str, str], out_dir: Path, window: tuple[int, int] = (1800, 1000),
+                 budget_ms: int = 60000) -> dict[str, str]:
+    """Each MLflow UI page of `links` (name -> URL, as `make ui` prints them) rendered to
+    out_dir/mlflow_<name>.png; returns name -> rendered DOM (what a browser test asserts on)."""
+    return {name: render_page(url, screenshot=Path(out_dir) / f"mlflow_{name}.png", budget_ms=budget_ms, window=window)
+            for name, url in links.items()}
