@@ -5,8 +5,10 @@ static HTML report page. README's pictures come from the same code over the proj
 import base64
 import io
 import itertools
+import json
 import re
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from test_mlflow_server import CELL, CONTEXT_DIMS, api, label, mlflow_server, two_run_store
@@ -34,6 +36,8 @@ def test_the_pages_make_ui_prints_open_on_the_runs_and_one_loss_curve_per_ablati
         exp_id = api(base, "experiments/get-by-name", {"experiment_name": "t"})["experiment"]["experiment_id"]
         links = tracking.ui_links(base, exp_id, CELL)  # what `make ui` prints
         doms = mlflow_pages(links, tmp_path / "shots")
+        compare = render_page(f"{base}/#/compare-runs?" + urlencode({"runs": json.dumps(list(run_ids.values())),
+                                                                      "experiments": json.dumps([exp_id])}), budget_ms=60000)
     runs = doms["runs"]
     # the runs table in MLflow's model-training mode, not the GenAI home or its "Training runs" pages
     assert "Runs" in runs and "Welcome" not in runs and "Evaluation runs" not in runs, runs[-2000:]
@@ -45,6 +49,8 @@ def test_the_pages_make_ui_prints_open_on_the_runs_and_one_loss_curve_per_ablati
     metric, legend = _first_chart_legend(curves)
     assert metric.endswith("loss"), metric
     assert sorted(legend) == sorted(f"{label(e)} | {CELL}" for e in CONTEXT_DIMS), legend  # one line per ablation
+    # Compare (tick runs, press Compare) shows the figure the runs share: figures sit at the artifact root
+    assert "No common artifacts" not in compare and "curves.png" in compare, compare[-2000:]
     for name in ("runs", "curves"):
         png = (tmp_path / "shots" / f"mlflow_{name}.png").read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 20_000  # a rendered page, not a blank one

@@ -50,9 +50,20 @@ def api(base: str, endpoint: str, query: dict | None = None, body: dict | None =
 CELL = "sweep/phase2_train/lr0.001"  # one sweep cell of New-LLM (dvc.yaml)
 
 
+def _curve_figure(values: list[float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot(values)
+    return fig
+
+
 def two_run_store(root: Path) -> tuple[str, dict[str, str]]:
     """A SQLite store under `root` holding FINISHED runs of one New-LLM sweep cell written by tracking.stage_run,
-    one per experiment of CONTEXT_DIMS (the default run and two ablations), each with a 3-point `val_loss` history and nested under its experiment's
+    one per experiment of CONTEXT_DIMS (the default run and two ablations), each with a 3-point `val_loss` history and its figure `curves.png`, nested under its experiment's
     parent run (named `context_dim=<n>` against the default params.yaml, committed in `root`); returns (uri,
     exp -> run id)."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -71,6 +82,7 @@ def two_run_store(root: Path) -> tuple[str, dict[str, str]]:
             with tracking.stage_run(CELL, params) as run:
                 for step in range(3):
                     run.log_step({"val_loss": val_loss(ctx, step)}, step=step)
+                run.log_figure(_curve_figure([val_loss(ctx, step) for step in range(3)]), "curves.png")
                 run.finish({"val_loss": val_loss(ctx, 2), "val_ppl": math.exp(val_loss(ctx, 2)), "params_total": 1000 * ctx})
             run_ids[exp] = run.run_id
     return uri, run_ids
@@ -152,9 +164,9 @@ def test_a_team_server_holds_a_clones_runs_curves_and_artifacts(reproduced, tmp_
                    if "newllm.synced" not in {t["key"] for t in r["data"]["tags"]}]
         run_id = live["info"]["run_id"]
         assert live["info"]["artifact_uri"].startswith("mlflow-artifacts:/")  # proxied: no client-side path
-        listed = api(base, "artifacts/list", {"run_id": run_id, "path": "figures"})["files"]
-        assert [f["path"] for f in listed] == ["figures/line_lengths.png"]
-        png = _get(f"{base}/get-artifact?" + urllib.parse.urlencode({"path": "figures/line_lengths.png",
+        listed = api(base, "artifacts/list", {"run_id": run_id})["files"]
+        assert [f["path"] for f in listed] == ["line_lengths.png"]  # the root: where Compare looks
+        png = _get(f"{base}/get-artifact?" + urllib.parse.urlencode({"path": "line_lengths.png",
                                                                      "run_uuid": run_id}))
         (stored,) = (server / "artifacts").rglob("line_lengths.png")
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and stored.read_bytes() == png

@@ -2,7 +2,7 @@
 
 DVC's files are the record (`reports/metrics/<stage>.json`, `reports/plots/<stage>*.csv`, tracked by git);
 MLflow mirrors them. A stage runs inside `stage_run(...)`, which opens one MLflow run named
-`<stage>:<dvc experiment>`, logs params flat, per-step metrics and figures, writes the DVC files on
+`<what its experiment changed> | <stage>`, logs params flat, per-step metrics and figures, writes the DVC files on
 success, and always ends the run: FINISHED, FAILED on an exception, KILLED on SIGINT/SIGTERM.
 """
 
@@ -352,7 +352,8 @@ class StageRun:
                                                     for k, v in _numeric(values).items()])
 
     def log_figure(self, figure: Any, name: str) -> None:
-        self.client.log_figure(self.run_id, figure, f"figures/{name}")
+        # at the artifact root: MLflow's Compare page shows only the root files that the runs share
+        self.client.log_figure(self.run_id, figure, name)
 
     def log_params(self, values: dict[str, Any]) -> None:
         """Params known only once the stage runs (a replicate's chosen lr)."""
@@ -572,7 +573,7 @@ def log_compare(params: Params, table: Any, markdown: Path, figure: Path) -> str
     status = "FAILED"
     try:
         client.log_table(run_id, data=table, artifact_file="ablations.json")
-        client.log_artifact(run_id, str(figure), "figures")
+        client.log_artifact(run_id, str(figure), "figures")  # where the logged markdown links it
         client.log_artifact(run_id, str(markdown))
         status = "FINISHED"
     finally:
