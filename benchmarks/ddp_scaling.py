@@ -2,7 +2,8 @@
 torchrun, `distributed.nproc`), and the scaling efficiency tok/s(N) / (N x tok/s(1)) (issue 13, item 1).
 
 A scratch copy of the pipeline (its own git, DVC repo and MLflow store) on WikiText-2, BPE 8000, trains
-each model's sweep cell for one epoch on the first --tokens train tokens, once per process count, through
+each model's sweep cell for one epoch (Phase 1: its iterations) on the first --tokens train tokens, once per
+process count, through
 `dvc repro` (the param is a dep: DVC reruns the cell). Rates are the stages' own (reports/timing:
 training steps only, evaluation excluded), so start-up and evaluation do not blur them. The total CPU
 threads are the same for every count: one process uses all cores, N processes get cores / N threads each.
@@ -27,7 +28,14 @@ from helpers import SHARED_DATA, make_project, merge, run  # noqa: E402
 
 CELLS = {"transformer": ("baseline_sweep@transformer-0.001", "sweep/transformer/lr0.001"),
          "lstm": ("baseline_sweep@lstm-0.001", "sweep/lstm/lr0.001"),
-         "phase2": ("phase2_sweep@0.001", "sweep/phase2_train/lr0.001")}
+         "phase2": ("phase2_sweep@0.001", "sweep/phase2_train/lr0.001"),
+         "phase1": ("phase1_cvfp", "phase1/seed0")}  # last: the others read its first checkpoint
+
+
+def rate(timing: dict, metrics: dict) -> float:
+    """Training tokens/s: the stage's own rate, or for Phase 1 its train tokens over its wall time (its
+    exact passes and final checks included: under DDP they are a relay and do not speed up)."""
+    return timing.get("tokens_per_s") or metrics["train_tokens"] / timing["wall_time_s"]
 
 
 def settings(data: Path, tokens: int, device: str) -> dict:
@@ -49,7 +57,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=100_000, help="train tokens of the one epoch")
     ap.add_argument("--nproc", default="1,2", help="process counts, comma-separated")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--models", default="transformer,lstm,phase2")
+    ap.add_argument("--models", default="transformer,lstm,phase2,phase1")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
@@ -73,11 +81,13 @@ def main() -> None:
             wall = time.perf_counter() - t
             timing = json.loads((proj / f"reports/timing/{record}.json").read_text())
             metrics = json.loads((proj / f"reports/metrics/{record}.json").read_text())
-            rows.append({"model": m, "nproc": n, "tokens_per_s": timing["tokens_per_s"], "stage_wall_s": round(wall, 1),
-                         "val_loss": metrics["val_loss"], "params_total": metrics["params_total"]})
-            print(f"{m:12s} nproc {n}: {timing['tokens_per_s']:>10,.0f} tok/s  stage {wall:6.1f} s  "
-                  f"val loss {metrics['val_loss']:.4f}", flush=True)
-    print("\n| model | params | nproc | tokens/s | speed-up | efficiency | val loss |\n|---|---:|---:|---:|---:|---:|---:|")
+            loss = metrics.get("val_loss", metrics.get("train_er_pct"))  # Phase 1: its train ER %
+            rows.append({"model": m, "nproc": n, "tokens_per_s": rate(timing, metrics), "stage_wall_s": round(wall, 1),
+                         "val_loss": loss, "params_total": metrics.get("params_total", metrics.get("params_context_block"))})
+            print(f"{m:12s} nproc {n}: {rows[-1]['tokens_per_s']:>10,.0f} tok/s  stage {wall:6.1f} s  "
+                  f"val loss (Phase 1: train ER %) {loss:.4f}", flush=True)
+    print("\n| model | params | nproc | tokens/s | speed-up | efficiency | val loss (Phase 1: train ER %) |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         one = next(x for x in rows if x["model"] == r["model"] and x["nproc"] == counts[0])
         up = r["tokens_per_s"] / one["tokens_per_s"]

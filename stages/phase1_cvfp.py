@@ -16,8 +16,11 @@ def seed_of(params) -> int:
 
 
 def scratch(params) -> Path:
-    """Where Phase 1's iterate goes when it is too large for RAM (git- and DVC-ignored, removed at the end)."""
-    return Path("data/tmp") / f"phase1_seed{seed_of(params)}"
+    """Where Phase 1's iterate goes when it is too large for RAM (git- and DVC-ignored, removed at the end);
+    one folder per process under torchrun (each holds its shard of the positions)."""
+    from newllm import distributed
+
+    return Path("data/tmp") / f"phase1_seed{seed_of(params)}" / f"rank{distributed.rank()}"
 
 
 def precheck(params) -> None:
@@ -64,10 +67,11 @@ def main(params, run) -> None:
                               device=params.device, resume=run.resumed, on_checkpoint=run.save_resume,
                               checkpoint_every_s=resume.EVERY_S, scratch=scratch(params))
     finally:  # a kill -9 leaves it; the next run overwrites it
-        shutil.rmtree(scratch(params), ignore_errors=True)
+        shutil.rmtree(scratch(params).parent, ignore_errors=True)
     history = [{"iteration": k, **m} for k, m in enumerate(result.history)]  # a resume's included
     frozen = {k: v for k, v in model.state_dict().items() if k.startswith(("embedding.", "context_block."))}
-    checkpoint.save(run.declared.outs[0], frozen, context_hparams(params, cache.vocab_size))
+    if run.main:  # under torchrun every rank holds the same weights; rank 0 writes them
+        checkpoint.save(run.declared.outs[0], frozen, context_hparams(params, cache.vocab_size))
     run.log_figure(phase1_curves(history), "phase1_curves.png")
     final = {
         "iterations_run": result.iterations_run, "converged": int(result.converged),
@@ -92,4 +96,4 @@ if __name__ == "__main__":
 
     if len(sys.argv) > 1 and SEED is None:
         sys.exit("usage: phase1_cvfp.py [--seed N]")
-    run_stage(lambda params: phase1_record(seed_of(params)), main, precheck)
+    run_stage(lambda params: phase1_record(seed_of(params)), main, precheck, data_parallel=True)

@@ -1,5 +1,6 @@
-"""torch DDP under torchrun (distributed.py): 2 CPU processes (gloo) train a stage to the single-process
-numbers, with one MLflow run and one set of outputs; a rank that dies takes the job down."""
+"""torch DDP under torchrun (distributed.py): 2 CPU processes (gloo) train a stage (a next-token cell,
+Phase 1) to the single-process numbers, with one MLflow run and one set of outputs; a rank that dies
+takes the job down."""
 
 import json
 import os
@@ -35,10 +36,15 @@ def test_two_processes_train_to_the_single_process_numbers(reproduced: Path, tmp
     one = run(["dvc", "repro", "baseline_sweep@lstm-0.01"], project)
     assert "torch.distributed.run" not in one.stdout + one.stderr
     single = {r: _metrics(project, r) for r in CELLS.values()}
+    phase1_single = _metrics(project, "phase1/seed0")
     set_params(project, {"distributed": {"nproc": 2}})
-    two = run(["dvc", "repro", *CELLS], project)
+    stale = {s.split("@")[0] for s in json.loads(run(["dvc", "status", "--json"], project).stdout)}
+    assert {"phase1_cvfp", "phase1_seeds", "phase2_sweep", "baseline_sweep"} <= stale, stale  # every training stage
+    assert not stale & {"generate_dataset", "tokenize", "param_budget"}, stale  # the data stages never
+    # -s: Phase 1 (nproc is its param too) is not retrained yet, so Phase 2 reads the same checkpoint
+    two = run(["dvc", "repro", "-s", *CELLS], project)
     ran = ran_stages(two.stdout)
-    assert ran == {"validate", *CELLS}, ran  # the param is a dep of the training cells only
+    assert ran == set(CELLS), ran
     for record in CELLS.values():
         a, b = single[record], _metrics(project, record)
         assert (b["train_tokens"], b["val_tokens"], b["epochs_run"]) == (a["train_tokens"], a["val_tokens"], a["epochs_run"])
@@ -48,6 +54,19 @@ def test_two_processes_train_to_the_single_process_numbers(reproduced: Path, tmp
         assert runs[-1][1] == "FINISHED" and len(runs) == (3 if "lstm" in record else 2), runs  # rank 1 logs nothing
     log = two.stdout + two.stderr
     assert log.count("sweep/lstm/lr0.01: best val loss") == 1  # rank 1 prints nothing but errors
+
+    # Phase 1 over 2 processes, each a block of the positions: one process's run up to float sums, which
+    # Adam amplifies (tests/training/test_phase1.py checks the same with the weights held still)
+    p1 = run(["dvc", "repro", "-s", "phase1_cvfp"], project)
+    assert ran_stages(p1.stdout) == {"phase1_cvfp"}
+    assert "OMP_NUM_THREADS" in p1.stderr  # torchrun's banner: it started the stage's processes
+    got = _metrics(project, "phase1/seed0")
+    assert (got["iterations_run"], got["train_tokens"]) == (phase1_single["iterations_run"], phase1_single["train_tokens"])
+    for key in ("train_er_pct", "val_er_pct", "convergence_rate", "sequential_cosine"):
+        assert got[key] == pytest.approx(phase1_single[key], rel=1e-2), key
+    runs = _runs(project, "phase1/seed0")
+    assert runs[-1][1] == "FINISHED" and len(runs) == 2, runs  # the reproduced run and rank 0's
+    assert (project / "data/checkpoints/phase1/seed0.pt").is_file() and not (project / "data/tmp/phase1_seed0").exists()
 
 
 def _worker_pids(rank: int) -> list[int]:

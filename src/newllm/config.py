@@ -126,8 +126,8 @@ class TrackingConfig:
 
 @dataclass
 class DistributedConfig:
-    # processes per training run: >1 runs each next-token stage under `torchrun --standalone
-    # --nproc_per_node=N` (torch DDP: gloo on CPU, nccl on CUDA; distributed.py)
+    # processes per training run: >1 runs each training stage (Phase 1, Phase 2, baselines, controls) under
+    # `torchrun --standalone --nproc_per_node=N` (torch DDP: gloo on CPU, nccl on CUDA; distributed.py)
     nproc: int = knob(lo=1, hi=1024)
 
 
@@ -255,6 +255,9 @@ def _cross_checks(p: Any) -> None:
         if n > 1 and bs is not None and bs % n:
             raise ConfigError(f"params.yaml: {name}.batch_size ({bs}) must be divisible by distributed.nproc "
                               f"({n}): each process trains on batch_size / nproc of the streams")
+    if n > 1 and p.phase1.mode != "parallel":
+        raise ConfigError(f"params.yaml: phase1.mode {p.phase1.mode!r} is one exact stream: it cannot be split over "
+                          f"distributed.nproc ({n}) processes (use mode parallel, or nproc 1)")
     if p.transformer.n_embd % p.transformer.n_head:
         raise ConfigError(f"params.yaml: transformer.n_embd ({p.transformer.n_embd}) must be divisible by "
                           f"transformer.n_head ({p.transformer.n_head})")

@@ -54,22 +54,62 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def shard_rows(t: Tensor) -> Tensor:
-    """This rank's contiguous block of rows (streams) of [rows, ...] (a Tensor or a DiskArray): the first
-    rows % world ranks hold one more; all of it in one process, or when there are fewer rows than ranks."""
-    w, n = world_size(), t.size(0)
+def shard_span(n: int) -> tuple[int, int]:
+    """This rank's contiguous block [lo, hi) of n items: the first n % world ranks hold one more; all of
+    them in one process, or when there are fewer items than ranks."""
+    w = world_size()
     if w == 1 or n < w:
-        return t
+        return 0, n
     q, r = divmod(n, w)
-    start = rank() * q + min(rank(), r)
-    return t[start:start + q + (rank() < r)]
+    lo = rank() * q + min(rank(), r)
+    return lo, lo + q + (rank() < r)
+
+
+def shard_rows(t: Tensor) -> Tensor:
+    """This rank's contiguous block of rows (streams) of [rows, ...] (a Tensor or a DiskArray)."""
+    lo, hi = shard_span(t.size(0))
+    return t if (lo, hi) == (0, t.size(0)) else t[lo:hi]
 
 
 def all_sum(t: Tensor) -> Tensor:
     """`t` summed over ranks, in place (a no-op in one process)."""
     if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and not t.is_cuda:  # nccl reduces GPU tensors only
+            t.copy_(all_sum(t.cuda()))
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_gather(t: Tensor) -> list[Tensor]:
+    """Every rank's `t` (same shape on every rank), in rank order; [t] in one process."""
+    if world_size() == 1:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def receive_from_previous(like: Tensor) -> Tensor | None:
+    """What the previous rank passed on (`pass_to_next`), shaped like `like`; None on rank 0. A relay:
+    rank r starts where rank r - 1 ended (Phase 1's exact recurrence over position shards)."""
+    if rank() == 0:
+        return None
+    t = torch.empty_like(like)
+    dist.recv(t, src=rank() - 1)
+    return t
+
+
+def pass_to_next(t: Tensor) -> None:
+    if world_size() > 1 and rank() + 1 < world_size():
+        dist.send(t.contiguous(), dst=rank() + 1)
+
+
+def broadcast_from_main(model: nn.Module) -> None:
+    """Every rank starts from rank 0's weights (what DDP does when it wraps a model)."""
+    if world_size() > 1:
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
 
 
 def wrap(model: nn.Module) -> nn.Module:

@@ -87,7 +87,7 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
     make_deterministic()
     if distributed.launched():
         if not data_parallel:
-            print(f"error: {record} runs as one process (distributed.nproc applies to the next-token stages); "
+            print(f"error: {record} runs as one process (distributed.nproc applies to the training stages); "
                   "start it without torchrun", file=sys.stderr)
             raise SystemExit(2)
         distributed.init(params.device)

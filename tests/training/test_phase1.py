@@ -498,3 +498,35 @@ def test_a_prefix_cache_holds_the_whole_layouts_contexts(n, streams, prefix):
     torch.testing.assert_close(part[:keep], whole[:keep])  # float error only (a smaller batch of streams)
     if prefix and streams > 1 and -(-prefix // streams) != -(-n // streams):  # the prefix in S streams of its own
         assert not torch.allclose(compute_contexts(model, ids[:prefix], streams=streams), whole[:prefix], atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, streams, target, lr", [("zero", 1, "previous", 0.0), ("zero", 1, "previous", 0.01),
+                                                       ("wrap", 2, "fixed", 0.01)])
+def test_phase1_over_two_processes_trains_like_one(first, streams, target, lr, tmp_path):
+    """torchrun, 2 gloo processes, each a block of the positions: the run of one process. With lr 0 every
+    pass sees the same weights, so the shard boundaries, the relayed exact passes and the all-reduced sums
+    must give one process's numbers to float error; training, like chunks, amplifies that by Adam."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, env
+    from phase1_ddp_worker import result, setup
+
+    out = tmp_path / "ddp.pt"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(REPO / "tests" / "phase1_ddp_worker.py"), str(out), first, str(streams), target, str(lr)],
+                   check=True, env=env(), capture_output=True, timeout=300)
+    two = torch.load(out)
+    model, ids, val, cfg = setup(first, streams, target, lr)
+    one = result(model, train_phase1(model, ids, cfg, device="cpu", val_ids=val))
+    rel = 1e-6 if lr == 0 else 1e-2
+    assert two["train_tokens"] == one["train_tokens"]
+    assert two["history"][0]["er"] == pytest.approx(one["history"][0]["er"], rel=1e-6)  # iteration 0: exact, relayed
+    for got, want in zip(two["history"][1:], one["history"][1:], strict=True):
+        for key in ("cvfp_loss", "diversity_loss", "total_loss", "grad_norm", "er", "convergence_rate"):
+            assert got[key] == pytest.approx(want[key], rel=rel, abs=1e-4 if lr else 1e-7), key
+    for key in ("train_er", "val_er", "sequential_cosine"):
+        assert two[key] == pytest.approx(one[key], rel=rel), key
+    for name, w in one["state"].items():
+        torch.testing.assert_close(two["state"][name], w, rtol=0, atol=2 * lr + 1e-6)  # Adam: within ~lr a step

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from newllm import distributed
 from newllm.config import Phase1Config
 from newllm.data.disk_array import scratch_tensor
 from newllm.models.cvfp import NewLLM
@@ -271,12 +272,23 @@ def chunk_spans(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n)) for a in range(0, n, max(1, size))]
 
 
-def iterate_chunks(P, spans: list[tuple[int, int]], first: FirstContext, device: torch.device):
-    """For each chunk [a, b) of an iterate P (S, N, Dc) -> (a, b, inputs, old): old = P[:, a:b] and inputs its
-    shift (position t gets P[:, t-1]; a stream start zero or, "wrap", P[:, N-1]), both (S, b-a, Dc) on
-    `device` and read before the caller may overwrite P[:, a:b]."""
+def boundary_context(P, first: FirstContext, device: torch.device) -> Tensor:
+    """The input context of an iterate P's (S, N, Dc) first position, (S, 1, Dc): a stream start's (zero,
+    or "wrap": P[:, N-1]) or, when the ranks hold consecutive position shards (DDP), the previous rank's
+    last column of P (one all-gather: the one-token lag of a Jacobi step, as at a chunk boundary). A
+    collective: every rank calls it, before any rank overwrites its P."""
     S, N, Dc = P.shape
-    carry = (P[:, N - 1:N] if first == "wrap" else torch.zeros(S, 1, Dc)).to(device).clone()
+    last = P[:, N - 1:N].to(device).clone()
+    if distributed.world_size() == 1:
+        return last if first == "wrap" else torch.zeros(S, 1, Dc, device=device)
+    cols, r = distributed.all_gather(last), distributed.rank()
+    return cols[r - 1] if r > 0 else (cols[-1] if first == "wrap" else torch.zeros_like(last))
+
+
+def iterate_chunks(P, spans: list[tuple[int, int]], carry: Tensor, device: torch.device):
+    """For each chunk [a, b) of an iterate P (S, N, Dc) -> (a, b, inputs, old): old = P[:, a:b] and inputs its
+    shift (position t gets P[:, t-1]; the first position `carry`, from boundary_context), both (S, b-a, Dc)
+    on `device` and read before the caller may overwrite P[:, a:b]."""
     for a, b in spans:
         old = P[:, a:b].to(device)
         inputs, next_carry = torch.cat([carry, old[:, :-1]], dim=1), old[:, -1:].clone()  # before the caller
@@ -287,32 +299,36 @@ def iterate_chunks(P, spans: list[tuple[int, int]], first: FirstContext, device:
 @torch.no_grad()
 def exact_chunks(model: NewLLM, streams: Tensor, spans: list[tuple[int, int]]):
     """The exact recurrence over streams (S, N), chunk by chunk with the context carried ->
-    (a, b, last-layer contexts (S, b-a, Dc)). fp32 (see sequential_pass)."""
-    c = None
+    (a, b, last-layer contexts (S, b-a, Dc)). fp32 (see sequential_pass). Over position shards (DDP) a
+    relay: this rank starts from the context the previous rank ended with (the recurrence is sequential)."""
+    c = distributed.receive_from_previous(streams.new_zeros(streams.size(0), model.context_dim, dtype=torch.float32))
     for a, b in spans:
         ctx, c = model.sequential_contexts(streams[:, a:b], initial=c)
         yield a, b, ctx[..., -1, :]
+    distributed.pass_to_next(c)
 
 
 class RowSample:
     """The rows `effective_rank(C.reshape(-1, Dc), max_rows, gen)` would draw from an (S, N, Dc) C (the same
-    draw from `gen`), gathered chunk by chunk, so a chunked ER equals the one-pass ER."""
+    draw from `gen`), gathered chunk by chunk, so a chunked ER equals the one-pass ER. Under DDP each rank
+    adds the rows of its positions (from `offset` on) and `er` sums them over ranks."""
 
-    def __init__(self, S: int, N: int, Dc: int, max_rows: int, gen: torch.Generator):
+    def __init__(self, S: int, N: int, Dc: int, max_rows: int, gen: torch.Generator, offset: int = 0):
         idx = torch.randperm(S * N, generator=gen)[:max_rows] if S * N > max_rows else torch.arange(S * N)
-        self.s, self.t, self.rows = idx // N, idx % N, torch.empty(len(idx), Dc)
+        self.s, self.t, self.rows, self.offset = idx // N, idx % N - offset, torch.zeros(len(idx), Dc), offset
 
     def add(self, a: int, b: int, C: Tensor) -> None:
         m = (self.t >= a) & (self.t < b)
         self.rows[m] = C[self.s[m].to(C.device), (self.t[m] - a).to(C.device)].float().cpu()
 
     def er(self, max_rows: int) -> tuple[float, float]:
-        return effective_rank_pct(self.rows, max_rows, None)
+        return effective_rank_pct(distributed.all_sum(self.rows), max_rows, None)
 
 
 def chunked_step(model: NewLLM, streams: Tensor, P, P0, spans: list[tuple[int, int]], cfg: Phase1Config,
                  gen: torch.Generator, opt: torch.optim.Optimizer, params: list[Tensor], where: str,
-                 last_loss: float, last: RowSample | None = None) -> tuple[tuple[float, float, float], float, int]:
+                 last_loss: float, last: RowSample | None = None,
+                 positions: int | None = None) -> tuple[tuple[float, float, float], float, int]:
     """One optimiser step of a parallel iteration over every position, a chunk at a time, equal to the
     one-pass step up to float error -> ((cvfp, diversity, total), grad norm, converged positions).
 
@@ -321,9 +337,14 @@ def chunked_step(model: NewLLM, streams: Tensor, P, P0, spans: list[tuple[int, i
     cvfp error; pass B reruns each chunk with grad, from the same noise, and backpropagates the loss whose
     gradient is the full-batch one. With `last` (the iteration's last step), pass B also writes C over P
     (in place, its metrics' rows into `last`) and counts the positions within the convergence threshold.
+
+    Under DDP each rank holds a block of the positions (`positions` in all): pass A's sums and pass B's
+    gradients are summed over ranks (by hand, as DDP's reducer would: a rank backpropagates once per
+    chunk, and the ranks' chunk counts may differ), so every rank takes the one full-batch step.
     """
     S, N = streams.shape
-    T, Dc, w, device = S * N, model.context_dim, cfg.dist_reg_weight, streams.device
+    T, Dc, w, device = positions or S * N, model.context_dim, cfg.dist_reg_weight, streams.device
+    carry = boundary_context(P, cfg.first_context, device)
     noise_state = gen.get_state()
 
     def outputs(a: int, b: int, inputs: Tensor) -> Tensor:
@@ -334,11 +355,14 @@ def chunked_step(model: NewLLM, streams: Tensor, P, P0, spans: list[tuple[int, i
 
     total, sq, err = torch.zeros(Dc, dtype=torch.float64, device=device), 0.0, 0.0
     with torch.no_grad():
-        for a, b, inputs, old in iterate_chunks(P, spans, cfg.first_context, device):
+        for a, b, inputs, old in iterate_chunks(P, spans, carry, device):
             C = outputs(a, b, inputs).double()
             total += C.sum(dim=(0, 1))
             sq += C.pow(2).sum().item()
             err += (C - target(a, b, old)).pow(2).sum().item()
+    if distributed.world_size() > 1:
+        sums = distributed.all_sum(torch.cat([total, torch.tensor([sq, err], dtype=torch.float64, device=device)]))
+        total, sq, err = sums[:Dc], sums[Dc].item(), sums[Dc + 1].item()
     mu = (total / T).float()
     norm = math.sqrt(max(sq - T * (total / T).pow(2).sum().item(), 0.0))
     cvfp, diversity = err / (T * Dc), -norm / T
@@ -348,7 +372,7 @@ def chunked_step(model: NewLLM, streams: Tensor, P, P0, spans: list[tuple[int, i
     gen.set_state(noise_state)  # pass B draws pass A's noise
     opt.zero_grad(set_to_none=True)
     converged = 0
-    for a, b, inputs, old in iterate_chunks(P, spans, cfg.first_context, device):
+    for a, b, inputs, old in iterate_chunks(P, spans, carry, device):
         C = outputs(a, b, inputs)
         div_grad = (C.detach() - mu) / (norm * T) if norm > 0 else torch.zeros_like(C)
         loss = (1.0 - w) * (C - target(a, b, old)).pow(2).sum() / (T * Dc) - w * (C * div_grad).sum()
@@ -358,6 +382,11 @@ def chunked_step(model: NewLLM, streams: Tensor, P, P0, spans: list[tuple[int, i
             converged += int(((C - old).pow(2).mean(dim=-1) < cfg.convergence_threshold).sum())
             last.add(a, b, C)
             P[:, a:b] = C
+    if distributed.world_size() > 1:
+        for p in params:
+            if p.grad is not None:
+                distributed.all_sum(p.grad)
+        converged = int(distributed.all_sum(torch.tensor(converged)))
     return losses, clip_and_step(opt, params, cfg.grad_clip), converged
 
 
@@ -388,6 +417,14 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     separately), and the iterates go to disk under `scratch` when large (`scratch_tensor`): memory is
     O(chunk). Such a run keeps no resume checkpoint (its iterate is the size of the corpus): it restarts.
 
+    Under torchrun (distributed.py) each rank holds a contiguous block of the positions of every stream and
+    runs the chunked step on it: a shard's first input context is the previous rank's last one from the
+    previous iterate (the one-token lag a Jacobi step has anyway), pass A's sums and the gradients are
+    summed over ranks, so the update is the one-process step up to float sums (noise 0; with noise, each
+    rank draws its own). The exact passes (iteration 0, the final checks, val ER) are sequential along a
+    stream: they run as a relay, rank r from the context rank r - 1 ended with. Parallel mode only; no
+    resume checkpoint (as for chunks).
+
     A non-finite loss or gradient norm raises Diverged in the step it appears. Resume: `on_checkpoint(state)`
     gets the whole state after an iteration once `checkpoint_every_s` passed since the last save;
     `resume=state` continues from it to the numbers of an uninterrupted run (CPU).
@@ -395,13 +432,20 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     t_start = time.perf_counter()
     device = resolve_device(device)
     model.to(device)
+    world = distributed.world_size()
+    if world > 1 and cfg.mode != "parallel":
+        raise ValueError("Phase 1 runs in parallel mode under several processes (sequential mode is one stream)")
+    distributed.broadcast_from_main(model)
     ids = train_ids[: cfg.max_tokens] if cfg.max_tokens else train_ids
-    streams = split_streams(ids.long(), cfg.streams).to(device)  # (S, N)
+    all_streams = split_streams(ids.long(), cfg.streams)  # (S, N_all)
+    lo, hi = distributed.shard_span(all_streams.size(1))  # this rank's positions (all of them in one process)
+    streams = all_streams[:, lo:hi].to(device)  # (S, N)
     S, N, Dc = *streams.shape, model.context_dim
+    T = S * all_streams.size(1)  # positions over all ranks
     per_chunk = max(1, cfg.chunk_tokens // S) if cfg.chunk_tokens and cfg.mode == "parallel" else N
     spans = chunk_spans(N, per_chunk)
-    chunked = len(spans) > 1
-    noise_gen = torch.Generator(device=device).manual_seed(seed)
+    chunked = len(spans) > 1 or world > 1
+    noise_gen = torch.Generator(device=device).manual_seed(seed + distributed.rank())
     er_gen = torch.Generator().manual_seed(seed)
     params = [p for m in (model.embedding, model.context_block) for p in m.parameters() if p.requires_grad]
     if not cfg.train_last_gain:  # the diversity term grows with the output's scale: keep that gain at its init
@@ -415,7 +459,7 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
         t0 = time.perf_counter()
         if chunked:
             P = scratch_tensor((S, N, Dc), path=scratch and scratch / "P.bin", device=device)
-            rows = RowSample(S, N, Dc, cfg.er_max_rows, er_gen)
+            rows = RowSample(S, T // S, Dc, cfg.er_max_rows, er_gen, offset=lo)
             for a, b, exact in exact_chunks(model, streams, spans):
                 P[:, a:b] = exact
                 rows.add(a, b, exact)
@@ -447,16 +491,17 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
         t0 = time.perf_counter()
         if chunked:
             for step in range(cfg.steps_per_iteration):  # each a fresh pass from the same P, fresh noise
-                last = RowSample(S, N, Dc, cfg.er_max_rows, er_gen) if step + 1 == cfg.steps_per_iteration else None
+                last = (RowSample(S, T // S, Dc, cfg.er_max_rows, er_gen, offset=lo)
+                        if step + 1 == cfg.steps_per_iteration else None)
                 losses, grad_norm, n_conv = chunked_step(model, streams, P, P0, spans, cfg, noise_gen, opt, params,
-                                                         f"iteration {k} step {step + 1}", last_loss, last)
+                                                         f"iteration {k} step {step + 1}", last_loss, last, T)
                 check_finite(grad_norm, f"iteration {k} step {step + 1} (gradient norm)", last_loss)
                 last_loss = losses[2]
             _sync(device)
             step_time = time.perf_counter() - t0
             er, er_pct = last.er(cfg.er_max_rows)
             metrics = {"cvfp_loss": losses[0], "diversity_loss": losses[1], "total_loss": losses[2],
-                       "grad_norm": grad_norm, "er": er, "er_pct": er_pct, "convergence_rate": n_conv / (S * N),
+                       "grad_norm": grad_norm, "er": er, "er_pct": er_pct, "convergence_rate": n_conv / T,
                        "step_time_s": step_time}
         else:
             target = (P0 if cfg.target == "fixed" else P).reshape(-1, Dc)
@@ -480,7 +525,7 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
         if k >= max(cfg.min_iterations, 2) and conv >= cfg.min_converged:
             converged = True
             break
-        if (on_checkpoint is not None and isinstance(P, Tensor)
+        if (on_checkpoint is not None and isinstance(P, Tensor) and world == 1
                 and time.monotonic() - last_save >= checkpoint_every_s):
             on_checkpoint({"iteration": k, "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "noise_rng": noise_gen.get_state(), "er_rng": er_gen.get_state(), "P": P,
@@ -491,21 +536,23 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     # more (no-grad, noiseless) Jacobi step from it is what the trained block's parallel pass gives.
     cosine, train_er, train_er_pct = math.nan, history[-1]["er"], history[-1]["er_pct"]
     if check_sequential:  # how far the parallel contexts are from the exact recurrence's, same weights
-        cos_sum, rows = 0.0, RowSample(S, N, Dc, cfg.er_max_rows, er_gen)
+        cos_sum, rows = 0.0, RowSample(S, T // S, Dc, cfg.er_max_rows, er_gen, offset=lo)
+        carry = boundary_context(P, cfg.first_context, device)  # before the relay: every rank gathers first
         with torch.no_grad():
             for (a, b, exact), (_, _, inputs, _) in zip(exact_chunks(model, streams, spans),
-                                                        iterate_chunks(P, spans, cfg.first_context, device),
-                                                        strict=True):
+                                                        iterate_chunks(P, spans, carry, device), strict=True):
                 C = block_outputs(model, streams[:, a:b], inputs).reshape(S, b - a, Dc)
-                cos_sum += F.cosine_similarity(C, exact, dim=-1).mean().item() * (S * (b - a)) / (S * N)
+                cos_sum += F.cosine_similarity(C, exact, dim=-1).mean().item() * (S * (b - a)) / T
                 rows.add(a, b, exact)
-        cosine = cos_sum
+        cosine = distributed.all_sum(torch.tensor(cos_sum, dtype=torch.float64)).item() if world > 1 else cos_sum
         train_er, train_er_pct = rows.er(cfg.er_max_rows)  # as val's: exact contexts
     val_er = val_er_pct = None
     if val_ids is not None:
-        val_streams = split_streams(val_ids.long(), max(1, min(cfg.streams, val_ids.numel()))).to(device)
+        all_val = split_streams(val_ids.long(), max(1, min(cfg.streams, val_ids.numel())))
+        vlo, vhi = distributed.shard_span(all_val.size(1))
+        val_streams = all_val[:, vlo:vhi].to(device)
         Sv, Nv = val_streams.shape
-        rows = RowSample(Sv, Nv, Dc, cfg.er_max_rows, er_gen)
+        rows = RowSample(Sv, all_val.size(1), Dc, cfg.er_max_rows, er_gen, offset=vlo)
         for a, b, exact in exact_chunks(model, val_streams, chunk_spans(Nv, max(1, per_chunk * S // Sv))):
             rows.add(a, b, exact)
         val_er, val_er_pct = rows.er(cfg.er_max_rows)
@@ -514,4 +561,4 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
         iterations_run=len(history), converged=converged, history=history, train_er=train_er,
         train_er_pct=train_er_pct, convergence_rate=conv, sequential_cosine=cosine,
         val_er=val_er, val_er_pct=val_er_pct, wall_time_s=time.perf_counter() - t_start,
-        train_tokens=S * N, streams=S, contexts=P.cpu() if isinstance(P, Tensor) else None)
+        train_tokens=T, streams=S, contexts=P.cpu() if isinstance(P, Tensor) and world == 1 else None)
