@@ -33,9 +33,15 @@ def precheck(params) -> None:
     if n_train // params.phase1.streams < 2:
         raise PipelineError(f"params.yaml: phase1.streams ({params.phase1.streams}) is too large for the "
                             f"{n_train:,} Phase 1 tokens (needs >= 2 tokens a stream)")
+    nproc, s = params.distributed.nproc, params.phase1.streams
+    for split, n in (("train", n_train), ("val", len(cache.val))):  # each process holds a block of positions
+        if n // min(s, n) < nproc:
+            raise PipelineError(f"params.yaml: distributed.nproc ({nproc}) is larger than the {n // min(s, n):,} "
+                                f"positions a Phase 1 stream has in {split} ({n:,} tokens in {s} streams)")
 
 
 def main(params, run) -> None:
+    import contextlib
     import shutil
 
     import torch
@@ -67,7 +73,9 @@ def main(params, run) -> None:
                               device=params.device, resume=run.resumed, on_checkpoint=run.save_resume,
                               checkpoint_every_s=resume.EVERY_S, scratch=scratch(params))
     finally:  # a kill -9 leaves it; the next run overwrites it
-        shutil.rmtree(scratch(params).parent, ignore_errors=True)
+        shutil.rmtree(scratch(params), ignore_errors=True)  # this rank's; the last one out removes the folder
+        with contextlib.suppress(OSError):
+            scratch(params).parent.rmdir()
     history = [{"iteration": k, **m} for k, m in enumerate(result.history)]  # a resume's included
     frozen = {k: v for k, v in model.state_dict().items() if k.startswith(("embedding.", "context_block."))}
     if run.main:  # under torchrun every rank holds the same weights; rank 0 writes them

@@ -324,7 +324,8 @@ def queue_two_workers(base: Path, root: Path) -> Row:
             break
         time.sleep(2)
     seconds = time.perf_counter() - t0
-    landed = {name.split(":")[-1] for _, st, name in runs(proj) if name.startswith("report:") and st == "FINISHED"}
+    landed = {tag(proj, rid, "dvc.exp_name") for rid, st, _ in runs(proj)
+              if st == "FINISHED" and tag(proj, rid, "dvc.stage") == "report"}
     ok = status.count("Success") == 2 and {"tokens6", "tokens7"} <= landed and running(proj) == 0
     return Row("`dvc queue start -j 2` (2 experiments)", f"{status.count('Success')} of 2 succeeded; report runs "
                f"FINISHED in the one store: {sorted(landed & {'tokens6', 'tokens7'})}", seconds, 0, running(proj),

@@ -10,6 +10,7 @@ of float sums (every rank holds as many tokens). Rank 0 alone writes outputs and
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import sys
 
@@ -38,7 +39,10 @@ def init(device: str) -> None:
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" then means this rank's GPU
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # Phase 1's exact passes are a relay (rank r waits for rank r - 1 in a collective): longer than the
+    # default 10 min (nccl) / 30 min (gloo) on a large corpus. A rank that dies still ends the job at once
+    # (torchrun watches its processes); the timeout only bounds a true hang.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 

@@ -245,7 +245,13 @@ def nested_tags(params: Params, stage: str, parent_id: str, label: str) -> dict[
     so a chart legend or a narrow Run Name column reads `context_dim=128 | seeds/phase2_train/seed1`, not a
     random DVC experiment name (that is the tag dvc.exp_name)."""
     return {**run_tags(params, stage), PARENT_ID_TAG: parent_id, CHANGED_TAG: label,
-            "mlflow.runName": f"{label} | {stage}"}
+            "mlflow.runName": _fit(label, f" | {stage}")}
+
+
+def _fit(label: str, suffix: str, limit: int = 250) -> str:
+    """label + suffix within MLflow's run-name column (250 characters), the label shortened."""
+    room = limit - len(suffix)
+    return (label if len(label) <= room else label[:room - 3] + "...") + suffix
 
 
 def _alive(pid: int) -> bool:

@@ -438,6 +438,9 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     distributed.broadcast_from_main(model)
     ids = train_ids[: cfg.max_tokens] if cfg.max_tokens else train_ids
     all_streams = split_streams(ids.long(), cfg.streams)  # (S, N_all)
+    val_len = val_ids.numel() // max(1, min(cfg.streams, val_ids.numel())) if val_ids is not None else world
+    if min(all_streams.size(1), val_len) < world:  # each rank a non-empty block (the stage's precheck says so)
+        raise ValueError(f"Phase 1 over {world} processes needs at least {world} positions a stream (train and val)")
     lo, hi = distributed.shard_span(all_streams.size(1))  # this rank's positions (all of them in one process)
     streams = all_streams[:, lo:hi].to(device)  # (S, N)
     S, N, Dc = *streams.shape, model.context_dim
