@@ -101,7 +101,7 @@ def test_a_study_runs_each_cell_as_a_cached_experiment(tmp_path):
     assert (proj / "params.yaml").read_text() == before  # --temp: the workspace stays the baseline
     with sqlite3.connect(proj / "mlflow.db") as con:
         tagged = con.execute("select count(*) from tags where key = 'newllm.study' and value = 's-tiny'").fetchone()[0]
-        parents = {r[0] for r in con.execute("select name from runs where name like 's-tiny-%'")}
+        parents = {r[0] for r in con.execute("select name from runs where name like 's-tiny-% @ %'")}
     assert tagged >= 2 * 10 and {name.split(" @ ")[0] for name in parents} == {"s-tiny-a", "s-tiny-b"}
 
     rep = run([*newllm, "study", "report", "study.yaml", "--profile", "tiny"], proj)
