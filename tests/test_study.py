@@ -77,6 +77,11 @@ def test_the_study_report_fits_slopes_and_states_the_expectation(tmp_path):
     assert "b: New-LLM test PPL 150.00: above 100: rethink the approach; the Transformer on the same tokens: 90.00, " \
            "between 50 and 100: needs architecture work" in md and "first 20,000 tokens" in md
     assert (tmp_path / "figures" / "scaling.png").stat().st_size > 0 and (tmp_path / "study.html").is_file()
+    # both get worse with size, the Transformer faster: the ratio falls, but the gap has not closed
+    cells["b"]["report"] = report(4e6, 220.0, 150.0)
+    build_study_report("s-tiny", cells, tmp_path)
+    md = (tmp_path / "study.md").read_text()
+    assert "the gap closes" not in md and "only because the Transformer's PPL rises faster" in md, md
 
 
 @pytest.mark.slow

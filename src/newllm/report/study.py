@@ -78,6 +78,19 @@ def horizon(curve: dict[str, float], tolerance: float = 0.01) -> int:
     return next(x for x in xs if all(curve[str(y)] - final <= tolerance for y in xs if y >= x))
 
 
+def _trend(ratios: list[float], new: float | None, tf: float | None) -> str:
+    """Whether the gap closes with size, read with both slopes: a ratio that falls while New-LLM's PPL rises
+    is the Transformer getting worse faster (overfitting the budget), not New-LLM catching up."""
+    ends = f"{ratios[0]:.3f} at the smallest cell, {ratios[-1]:.3f} at the largest"
+    if ratios[-1] >= ratios[0]:
+        return f"With size the gap does not close: {ends}."
+    if new is not None and tf is not None and new >= 0:
+        return (f"The ratio falls with size ({ends}) only because the Transformer's PPL rises faster than "
+                f"New-LLM's (log-log slopes {tf:+.3f} and {new:+.3f}): the larger models overfit this token "
+                "budget; New-LLM does not catch up.")
+    return f"With size the gap closes: {ends}."
+
+
 def build_study_report(label: str, cells: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     """Write study.md, study.html and figures under out_dir; return the study's summary metrics."""
     pts = points(cells)
@@ -112,8 +125,7 @@ def build_study_report(label: str, cells: dict[str, dict[str, Any]], out_dir: Pa
                      f"the research expected {EXPECTED[0]}–{EXPECTED[1]}× ({inside} of {len(measured)} cells inside), "
                      f"goal {GOAL}× ({sum(v <= GOAL for v in measured)} of {len(measured)} at or below it).")
         if len(measured) >= 2:
-            trend = "closes" if measured[-1] < measured[0] else "does not close"
-            lines.append(f"With size the gap {trend}: {measured[0]:.3f} at the smallest cell, {measured[-1]:.3f} at the largest.")
+            lines.append(_trend(measured, slopes.get("newllm"), slopes.get("transformer")))
     doc.bullets(lines)
 
     doc.heading("Context utilisation")
