@@ -483,11 +483,16 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
             resume_file.clear()  # resuming would diverge again
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if monitor is not None:
-            with contextlib.suppress(Exception):
-                monitor.finish()
-        client.set_terminated(run_id, status)
+        # Ending the run must not be cut short: under torchrun a failing rank's peers get SIGTERM while they
+        # unwind, and the default handler (restored too early) killed them with the run still RUNNING.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            client.set_terminated(run_id, status)
+            if monitor is not None:
+                with contextlib.suppress(Exception):
+                    monitor.finish()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _log_checkpoint(client: Any, exp_id: str, run_id: str, stage: str, path: Path) -> None:
