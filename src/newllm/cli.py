@@ -63,9 +63,10 @@ def _ui(args: argparse.Namespace) -> int:
     uri = tracking.tracking_uri(params)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
-    links = tracking.ui_links(f"http://127.0.0.1:{args.port}", exp_id, curves_stage(params))
+    stage = curves_stage(params)
+    links = tracking.ui_links(f"http://127.0.0.1:{args.port}", exp_id, stage)
     print(f"MLflow UI over {uri}; Ctrl-C to stop\n  runs:   {links['runs']}\n"
-          f"  curves: {links['curves']}\n          ({curves_stage(params)} of every experiment, best val loss first)",
+          f"  curves: {links['curves']}\n          ({stage} of every experiment, best val loss first)",
           flush=True)
     # No background job workers: the UI alone is what a laptop needs (MLflow 3 starts several otherwise).
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -208,7 +208,7 @@ def _find_or_create_parent(client: Any, exp_id: str, params: Params) -> tuple[st
             "mlflow.note.content": f"DVC experiment `{dvc_exp_name()}`; params against commit `{rev[:7]}`: {label}. "
                                    "Each stage that ran for it is a run nested under this one."}
     # the commit in the name: every commit has its own "baseline", and an ablation means nothing without it
-    run_id = client.create_run(exp_id, run_name=f"{label} @ {rev[:7]}" if rev else label, tags=tags).info.run_id
+    run_id = client.create_run(exp_id, run_name=_fit(label, f" @ {rev[:7]}" if rev else ""), tags=tags).info.run_id
     _log_params(client, run_id, {k: here for k, (here, _) in (changed or {}).items()})
     client.set_terminated(run_id, "FINISHED")
     return run_id, label
