@@ -4,9 +4,7 @@ static HTML report page. README's pictures come from the same code over the proj
 
 import base64
 import io
-import itertools
 import json
-import re
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -14,20 +12,12 @@ import pytest
 from test_mlflow_server import CELL, CONTEXT_DIMS, api, label, mlflow_server, two_run_store
 
 from newllm import tracking
-from newllm.report.browser import find_chromium, mlflow_pages, render_page
+from newllm.report.browser import BrowserError, check_mlflow_pages, find_chromium, mlflow_pages, render_page
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no Chromium binary found (Debian: "
                                 "apt-get install chromium; .ci/run installs it; or set NEWLLM_CHROMIUM)")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _first_chart_legend(dom: str) -> tuple[str, list[str]]:
-    """(metric, run names) of the first chart in the chart view: its legend reads `<run name> (<metric>)`."""
-    entries = re.findall(r">([^<>]+) \((curves/[a-z_]+)\)<", dom)
-    assert entries, dom[-2000:]
-    metric = entries[0][1]
-    return metric, [name for name, m in itertools.takewhile(lambda e: e[1] == metric, entries)]
 
 
 def test_the_pages_make_ui_prints_open_on_the_runs_and_one_loss_curve_per_ablation(tmp_path: Path):
@@ -39,21 +29,27 @@ def test_the_pages_make_ui_prints_open_on_the_runs_and_one_loss_curve_per_ablati
         compare = render_page(f"{base}/#/compare-runs?" + urlencode({"runs": json.dumps(list(run_ids.values())),
                                                                       "experiments": json.dumps([exp_id])}), budget_ms=60000)
     runs = doms["runs"]
-    # the runs table in MLflow's model-training mode, not the GenAI home or its "Training runs" pages
-    assert "Runs" in runs and "Welcome" not in runs and "Evaluation runs" not in runs, runs[-2000:]
+    # the runs table in MLflow's model-training mode, the loss curves first: what `newllm screenshots` checks too
+    metric, legend = check_mlflow_pages(doms)
     for name in ("baseline @ ", "context_dim=16 @ ", "context_dim=32 @ "):  # one parent per experiment, named by its change
         assert name in runs, runs[-2000:]
-    curves = doms["curves"]
-    at = {name: curves.find(f">{name}<") for name in ("curves", "Model metrics", "System metrics")}
-    assert 0 < at["curves"] < min(at["Model metrics"], at["System metrics"]), at  # the loss curves first
-    metric, legend = _first_chart_legend(curves)
-    assert metric.endswith("loss"), metric
     assert sorted(legend) == sorted(f"{label(e)} | {CELL}" for e in CONTEXT_DIMS), legend  # one line per ablation
     # Compare (tick runs, press Compare) shows the figure the runs share: figures sit at the artifact root
     assert "No common artifacts" not in compare and "curves.png" in compare, compare[-2000:]
     for name in ("runs", "curves"):
         png = (tmp_path / "shots" / f"mlflow_{name}.png").read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 20_000  # a rendered page, not a blank one
+
+
+def test_the_page_check_refuses_the_genai_home_and_a_chart_view_without_loss_curves():
+    curves = '<h3>curves</h3> <span>a | x (curves/val_loss)</span><span>b | x (curves/val_loss)</span><h3>Model metrics</h3>'
+    assert check_mlflow_pages({"runs": "<div>Runs</div>", "curves": curves}) == ("curves/val_loss", ["a | x", "b | x"])
+    with pytest.raises(BrowserError, match="runs table"):
+        check_mlflow_pages({"runs": "<h1>Welcome to MLflow</h1><div>Runs</div>", "curves": curves})
+    with pytest.raises(BrowserError, match="curves section"):
+        check_mlflow_pages({"runs": "<div>Runs</div>", "curves": "<h3>Model metrics</h3>" + curves})
+    with pytest.raises(BrowserError, match="not a loss curve"):
+        check_mlflow_pages({"runs": "<div>Runs</div>", "curves": curves.replace("val_loss", "val_accuracy")})
 
 
 def _png_data_uri() -> str:

@@ -80,7 +80,7 @@ def _screenshots(args: argparse.Namespace) -> int:
     import tempfile
 
     from newllm import tracking
-    from newllm.report.browser import mlflow_pages, render_page
+    from newllm.report.browser import check_mlflow_pages, mlflow_pages, render_page
 
     params = load_params_or_exit(args.params)
     _, exp_id = tracking.init_store(params)
@@ -91,7 +91,9 @@ def _screenshots(args: argparse.Namespace) -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="newllm-ui-")))
             base = stack.enter_context(tracking.local_server(uri, work))
-        mlflow_pages(tracking.ui_links(base, exp_id, curves_stage(params)), out)
+        doms = mlflow_pages(tracking.ui_links(base, exp_id, curves_stage(params)), out)
+    metric, legend = check_mlflow_pages(doms)  # the pages are what README says, or a one-line error
+    print(f"curves page: first chart {metric}, one line per run: {'; '.join(legend)}")
     if Path("reports/report.html").is_file():
         render_page(Path("reports/report.html"), screenshot=out / "report.png", budget_ms=3000, window=(1200, 1400))
     print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.png')))} to {out}/")

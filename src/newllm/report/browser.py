@@ -7,7 +7,9 @@ fetched and rendered its data before the DOM is dumped. Debian: `apt-get install
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -88,3 +90,22 @@ def mlflow_pages(links: dict[str, str], out_dir: Path, window: tuple[int, int] =
     out_dir/mlflow_<name>.png; returns name -> rendered DOM (what a browser test asserts on)."""
     return {name: render_page(url, screenshot=Path(out_dir) / f"mlflow_{name}.png", budget_ms=budget_ms, window=window)
             for name, url in links.items()}
+
+
+def check_mlflow_pages(doms: dict[str, str]) -> tuple[str, list[str]]:
+    """What README promises of the pages `make ui` prints, read from their rendered DOMs (`mlflow_pages`):
+    `runs` is the runs table in model-training mode (not the GenAI home), and `curves` opens on the
+    `curves` section, before MLflow's own metric sections, with a loss chart first -> (that chart's metric,
+    its legend: one run name per line). Raises BrowserError naming what is not so, e.g. after an MLflow
+    upgrade moves the UI's switches."""
+    runs, curves = doms["runs"], doms["curves"]
+    if "Welcome" in runs or "Evaluation runs" in runs or "Runs" not in runs:
+        raise BrowserError("the runs link did not open MLflow's runs table in model-training mode")
+    at = {name: curves.find(f">{name}<") for name in ("curves", "Model metrics", "System metrics")}
+    if at["curves"] < 0 or any(0 <= at[s] < at["curves"] for s in ("Model metrics", "System metrics")):
+        raise BrowserError(f"the curves link's chart view does not open on the curves section (positions {at})")
+    entries = re.findall(r">([^<>]+) \((curves/[a-z_]+)\)<", curves)  # a legend entry: `<run name> (<metric>)`
+    if not entries or not entries[0][1].endswith("loss"):
+        raise BrowserError(f"the curves link's first chart is not a loss curve: {entries[:1] or 'no legend found'}")
+    metric = entries[0][1]
+    return metric, [name for name, m in itertools.takewhile(lambda e: e[1] == metric, entries)]
