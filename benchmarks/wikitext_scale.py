@@ -86,6 +86,43 @@ def timing(proj: Path, record: str) -> dict:
     return out
 
 
+def flops_per_token(proj: Path, iterations: int, batch: int, seq_len: int) -> dict[str, float]:
+    """Matmul FLOPs per training token of each part of an epoch-equivalent, counted by torch's
+    FlopCounterMode (one rule for every model: matmuls and attention, not elementwise ops) on one batch of
+    the trained checkpoints: why the wall ratio is what it is, whatever the machine.
+
+    Phase 1 = iteration 0's exact pass + (iterations - 1) x (pass A, no grad + pass B, fwd + bwd) + the final
+    check (an exact pass + a parallel pass); the cache = one exact pass; an epoch = fwd + bwd."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from newllm.models import factory
+    from newllm.models.cvfp import Phase2Model
+    from newllm.training.phase1 import block_outputs
+
+    vocab = json.loads((proj / "data" / "tokens" / "meta.json").read_text())["vocab_size"]
+    sweep = proj / "data" / "checkpoints" / "sweep"
+    llm = factory.load_model("newllm", vocab, sweep / "phase2_train" / f"lr{LR}.pt")
+    transformer = factory.load_model("transformer", vocab, sweep / "transformer" / f"lr{LR}.pt")
+    ids = torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    inputs = torch.randn(batch, seq_len, llm.context_dim)
+
+    def per_token(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / ids.numel()
+
+    with torch.no_grad():
+        exact = per_token(lambda: llm.sequential_contexts(ids))
+        pass_a = per_token(lambda: block_outputs(llm, ids, inputs))
+        contexts = llm.sequential_contexts(ids)[0]
+    pass_b = per_token(lambda: block_outputs(llm, ids, inputs).sum().backward())
+    phase2 = per_token(lambda: Phase2Model(llm)(ids, contexts=contexts)[0].sum().backward())
+    epoch = per_token(lambda: transformer(ids)[0].sum().backward())
+    return {"phase1": exact + (iterations - 1) * (pass_a + pass_b) + exact + pass_a, "cache": exact,
+            "phase2_epoch": phase2, "transformer_epoch": epoch}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=SHARED_DATA / "wikitext-2", help="folder with WikiText-2's raw files")
@@ -118,6 +155,7 @@ def main() -> None:
     n_train = json.loads((proj / "data" / "tokens" / "meta.json").read_text())["tokens_train"]
 
     sizes = [int(t) for t in a.tokens.split(",")]
+    flops = None
     for size in sizes:
         n = min(size or n_train, n_train)
         set_params(proj, {"phase1": {"max_tokens": size}, "train": {"max_tokens": size}})
@@ -138,12 +176,15 @@ def main() -> None:
             if a.json:
                 a.json.parent.mkdir(parents=True, exist_ok=True)
                 a.json.write_text(json.dumps({"settings": settings(a.data, a.context_dim, a.iterations, a.device, a.baselines),
-                                              "rows": rows}, indent=1) + "\n")
+                                              "rows": rows, "flops_per_token": flops}, indent=1) + "\n")
+        if flops is None and "transformer" in a.baselines:  # the checkpoints exist now; the count is size-free
+            train = settings(a.data, a.context_dim, a.iterations, a.device, a.baselines)["train"]
+            flops = flops_per_token(proj, a.iterations, train["batch_size"], train["seq_len"])
 
-    report(rows, a)
+    report(rows, a, flops)
 
 
-def report(rows: list[dict], a: argparse.Namespace) -> None:
+def report(rows: list[dict], a: argparse.Namespace, flops: dict[str, float] | None) -> None:
     per = {}
     for r in rows:
         if r["tokens"] is not None:
@@ -176,6 +217,13 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
         new = p1["wall_time_s"] + p2["context_cache_s"] + p2_epoch
         print(f"| {n:,} | {new:.1f} | {p2['context_cache_s']:.1f} | {tf_epoch:.1f} | {new / tf_epoch:.2f} | "
               f"{(p1['wall_s'] + p2['wall_s']) / tf['wall_s']:.2f} | {p2['context_cache_s'] / new:.0%} |")
+    if flops:
+        new = flops["phase1"] + flops["cache"] + flops["phase2_epoch"]
+        print(f"\nMatmul FLOPs per training token (torch FlopCounterMode): Phase 1 ({a.iterations} iterations) "
+              f"{flops['phase1'] / 1e6:.1f} M, cache {flops['cache'] / 1e6:.1f} M, Phase 2 epoch "
+              f"{flops['phase2_epoch'] / 1e6:.1f} M: New-LLM {new / 1e6:.1f} M against the Transformer's epoch "
+              f"{flops['transformer_epoch'] / 1e6:.1f} M, a FLOP ratio of {new / flops['transformer_epoch']:.2f} "
+              f"(Phase 1 alone {flops['phase1'] / flops['transformer_epoch']:.2f}).")
 
 
 if __name__ == "__main__":
