@@ -18,3 +18,11 @@ def reproduced(tmp_path_factory) -> Path:
     from faults import base_project
 
     return base_project(tmp_path_factory.mktemp("reproduced"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under `make test` (pytest-xdist, --dist loadgroup) the tests on the session's reproduced pipeline share
+    one worker, so it is reproduced once, not once per worker."""
+    for item in items:
+        if "reproduced" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("reproduced"))
