@@ -28,7 +28,7 @@ run: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP)
-	$(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadgroup  # pytest-xdist: the stages' subprocess start-ups overlap
+	$(BIN)/pytest -q -n auto --maxprocesses 4  # pytest-xdist workers: the stages' subprocess start-ups overlap
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages tests benchmarks

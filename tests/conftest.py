@@ -1,8 +1,10 @@
 """Environment for every test: no hub calls, no telemetry, no user tracking URI (set in helpers)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from helpers import make_project
 
 
@@ -12,17 +14,21 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reproduced(tmp_path_factory) -> Path:
+def reproduced(tmp_path_factory, worker_id: str) -> Path:
     """The fault suite's scratch pipeline (tests/faults.py: tiny, New-LLM + the LSTM), reproduced once per
-    session and committed; a test that needs trained outputs works on its own copy (faults.copy_of)."""
+    session and committed; a test that needs trained outputs works on its own copy (faults.copy_of).
+
+    Under `make test`'s pytest-xdist workers, the first worker to ask builds it in the base folder they
+    share, under a file lock, and the others wait for it (pytest-xdist's documented pattern for a
+    session fixture that must run once)."""
     from faults import base_project
 
-    return base_project(tmp_path_factory.mktemp("reproduced"))
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under `make test` (pytest-xdist, --dist loadgroup) the tests on the session's reproduced pipeline share
-    one worker, so it is reproduced once, not once per worker."""
-    for item in items:
-        if "reproduced" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("reproduced"))
+    if worker_id == "master":  # plain pytest, no workers
+        return base_project(tmp_path_factory.mktemp("reproduced"))
+    shared = tmp_path_factory.getbasetemp().parent / "reproduced"
+    with FileLock(str(shared) + ".lock"):
+        if not (shared / "base" / ".git").is_dir() or not (shared / "done").is_file():
+            shutil.rmtree(shared, ignore_errors=True)
+            base_project(shared)
+            (shared / "done").touch()
+    return shared / "base"
