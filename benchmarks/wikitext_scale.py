@@ -72,6 +72,13 @@ def measure(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 2**20  # KiB -> GiB
 
 
+def write_json(a: argparse.Namespace, rows: list[dict], flops: dict[str, float] | None) -> None:
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"settings": settings(a.data, a.context_dim, a.iterations, a.device, a.baselines),
+                                      "rows": rows, "flops_per_token": flops}, indent=1) + "\n")
+
+
 def set_params(proj: Path, over: dict) -> None:
     path = proj / "params.yaml"
     path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), over), sort_keys=False))
@@ -86,41 +93,50 @@ def timing(proj: Path, record: str) -> dict:
     return out
 
 
-def flops_per_token(proj: Path, iterations: int, batch: int, seq_len: int) -> dict[str, float]:
+def flops_per_token(proj: Path, tokens: int, iterations: int) -> dict[str, float]:
     """Matmul FLOPs per training token of each part of an epoch-equivalent, counted by torch's
-    FlopCounterMode (one rule for every model: matmuls and attention, not elementwise ops) on one batch of
-    the trained checkpoints: why the wall ratio is what it is, whatever the machine.
+    FlopCounterMode (one rule for every model: matmuls and attention, not elementwise ops) on the real
+    training tokens and the trained checkpoints: why the wall ratio is what it is, whatever the machine.
 
-    Phase 1 = iteration 0's exact pass + (iterations - 1) x (pass A, no grad + pass B, fwd + bwd) + the final
-    check (an exact pass + a parallel pass); the cache = one exact pass; an epoch = fwd + bwd."""
+    Phase 1 = iteration 0's exact pass + (iterations - 1) x steps_per_iteration x (pass A, no grad + pass B,
+    fwd + bwd) + the final check (an exact pass + a parallel pass); the cache = one exact pass; an epoch =
+    fwd + bwd. Phase 1 and the cache are counted on one chunk of their real layout (phase1.streams streams,
+    chunk_tokens positions): their token projections run once per distinct token of a chunk, so random ids
+    would overcount them. Passes over val and test (val ER, their cache) are left out: fixed costs."""
+    import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from newllm.models import factory
     from newllm.models.cvfp import Phase2Model
-    from newllm.training.phase1 import block_outputs
+    from newllm.training.phase1 import block_outputs, split_streams
 
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    p1, train = params["phase1"], params["train"]
     vocab = json.loads((proj / "data" / "tokens" / "meta.json").read_text())["vocab_size"]
+    ids = torch.from_numpy(np.load(proj / "data" / "tokens" / "train.npy").astype(np.int64))[:tokens]
+    chunk = split_streams(ids, p1["streams"])[:, : max(1, p1["chunk_tokens"] // p1["streams"])]
+    batch = ids[: train["batch_size"] * train["seq_len"]].reshape(train["batch_size"], train["seq_len"])
     sweep = proj / "data" / "checkpoints" / "sweep"
     llm = factory.load_model("newllm", vocab, sweep / "phase2_train" / f"lr{LR}.pt")
     transformer = factory.load_model("transformer", vocab, sweep / "transformer" / f"lr{LR}.pt")
-    ids = torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    inputs = torch.randn(batch, seq_len, llm.context_dim)
 
-    def per_token(fn) -> float:
+    def per_token(fn, x: torch.Tensor) -> float:
         with FlopCounterMode(display=False) as counter:
             fn()
-        return counter.get_total_flops() / ids.numel()
+        return counter.get_total_flops() / x.numel()
 
+    inputs = torch.randn(*chunk.shape, llm.context_dim)
     with torch.no_grad():
-        exact = per_token(lambda: llm.sequential_contexts(ids))
-        pass_a = per_token(lambda: block_outputs(llm, ids, inputs))
-        contexts = llm.sequential_contexts(ids)[0]
-    pass_b = per_token(lambda: block_outputs(llm, ids, inputs).sum().backward())
-    phase2 = per_token(lambda: Phase2Model(llm)(ids, contexts=contexts)[0].sum().backward())
-    epoch = per_token(lambda: transformer(ids)[0].sum().backward())
-    return {"phase1": exact + (iterations - 1) * (pass_a + pass_b) + exact + pass_a, "cache": exact,
-            "phase2_epoch": phase2, "transformer_epoch": epoch}
+        exact = per_token(lambda: llm.sequential_contexts(chunk), chunk)
+        pass_a = per_token(lambda: block_outputs(llm, chunk, inputs), chunk)
+        contexts = llm.sequential_contexts(batch)[0]
+    pass_b = per_token(lambda: block_outputs(llm, chunk, inputs).sum().backward(), chunk)
+    phase2 = per_token(lambda: Phase2Model(llm)(batch, contexts=contexts)[0].sum().backward(), batch)
+    epoch = per_token(lambda: transformer(batch)[0].sum().backward(), batch)
+    steps = (iterations - 1) * p1["steps_per_iteration"]
+    return {"phase1": exact + steps * (pass_a + pass_b) + exact + pass_a, "phase1_step": pass_a + pass_b,
+            "cache": exact, "phase2_epoch": phase2, "transformer_epoch": epoch}
 
 
 def main() -> None:
@@ -173,13 +189,10 @@ def main() -> None:
             if t.get("peak_gpu_bytes"):
                 tps += f"  peak GPU {t['peak_gpu_bytes'] / 2**30:.2f} GiB"
             print(f"{n:>9,} {name:>13}: {wall:7.1f} s  peak RSS {rss:5.2f} GiB  {tps}", flush=True)
-            if a.json:
-                a.json.parent.mkdir(parents=True, exist_ok=True)
-                a.json.write_text(json.dumps({"settings": settings(a.data, a.context_dim, a.iterations, a.device, a.baselines),
-                                              "rows": rows, "flops_per_token": flops}, indent=1) + "\n")
-        if flops is None and "transformer" in a.baselines:  # the checkpoints exist now; the count is size-free
-            train = settings(a.data, a.context_dim, a.iterations, a.device, a.baselines)["train"]
-            flops = flops_per_token(proj, a.iterations, train["batch_size"], train["seq_len"])
+            write_json(a, rows, flops)
+        if flops is None and "transformer" in a.baselines:  # the checkpoints exist now; training's count is per token
+            flops = flops_per_token(proj, n, a.iterations)
+            write_json(a, rows, flops)
 
     report(rows, a, flops)
 
@@ -220,7 +233,8 @@ def report(rows: list[dict], a: argparse.Namespace, flops: dict[str, float] | No
     if flops:
         new = flops["phase1"] + flops["cache"] + flops["phase2_epoch"]
         print(f"\nMatmul FLOPs per training token (torch FlopCounterMode): Phase 1 ({a.iterations} iterations) "
-              f"{flops['phase1'] / 1e6:.1f} M, cache {flops['cache'] / 1e6:.1f} M, Phase 2 epoch "
+              f"{flops['phase1'] / 1e6:.1f} M ({flops['phase1_step'] / 1e6:.2f} M a step), cache "
+              f"{flops['cache'] / 1e6:.2f} M, Phase 2 epoch "
               f"{flops['phase2_epoch'] / 1e6:.1f} M: New-LLM {new / 1e6:.1f} M against the Transformer's epoch "
               f"{flops['transformer_epoch'] / 1e6:.1f} M, a FLOP ratio of {new / flops['transformer_epoch']:.2f} "
               f"(Phase 1 alone {flops['phase1'] / flops['transformer_epoch']:.2f}).")

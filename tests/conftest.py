@@ -1,5 +1,6 @@
 """Environment for every test: no hub calls, no telemetry, no user tracking URI (set in helpers)."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reproduced(tmp_path_factory, worker_id: str) -> Path:
+def reproduced(tmp_path_factory) -> Path:
     """The fault suite's scratch pipeline (tests/faults.py: tiny, New-LLM + the LSTM), reproduced once per
     session and committed; a test that needs trained outputs works on its own copy (faults.copy_of).
 
@@ -23,7 +24,7 @@ def reproduced(tmp_path_factory, worker_id: str) -> Path:
     session fixture that must run once)."""
     from faults import base_project
 
-    if worker_id == "master":  # plain pytest, no workers
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # plain pytest, no workers
         return base_project(tmp_path_factory.mktemp("reproduced"))
     shared = tmp_path_factory.getbasetemp().parent / "reproduced"
     with FileLock(str(shared) + ".lock"):

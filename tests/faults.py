@@ -53,8 +53,14 @@ def base_project(root: Path) -> Path:
 
 
 def copy_of(base: Path, root: Path, name: str) -> Path:
+    """A copy of the reproduced project whose MLflow store writes artifacts into the copy, not the base
+    (the experiment's artifact_location is an absolute path): tests on other workers copy the base meanwhile."""
     dest = root / name
     shutil.copytree(base, dest, symlinks=True)
+    if (dest / "mlflow.db").is_file():
+        with sqlite3.connect(dest / "mlflow.db") as con:
+            con.execute("update experiments set artifact_location = replace(artifact_location, ?, ?)",
+                        (str(base.resolve()), str(dest.resolve())))
     return dest
 
 

@@ -69,16 +69,19 @@ def test_two_processes_train_to_the_single_process_numbers(reproduced: Path, tmp
     assert (project / "data/checkpoints/phase1/seed0.pt").is_file() and not (project / "data/tmp/phase1_seed0").exists()
 
 
-def _worker_pids(rank: int) -> list[int]:
-    """PIDs of this machine's torchrun workers of the given rank (their environment says RANK=<rank>)."""
+def _worker_pids(rank: int, project: Path) -> list[int]:
+    """PIDs of the torchrun workers of the given rank (their environment says RANK=<rank>) running a stage of
+    `project` (their working folder): never another test's, which may run DDP at the same time (xdist)."""
     found = []
     for d in Path("/proc").iterdir():
         try:
             environ = (d / "environ").read_bytes().split(b"\0")
             cmd = (d / "cmdline").read_bytes()
+            cwd = (d / "cwd").resolve()
         except (OSError, ValueError):
             continue
-        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ) and b"stages/" in cmd:
+        if (f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ) and b"stages/" in cmd
+                and cwd == project.resolve()):
             found.append(int(d.name))
     return found
 
@@ -91,7 +94,7 @@ def test_a_rank_that_dies_takes_the_job_down_and_leaves_no_output(reproduced: Pa
     proc = subprocess.Popen(["dvc", "repro", "baseline_sweep@lstm-0.01"], cwd=project, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    while not (pids := _worker_pids(1)) or len(_runs(project, record)) == before:
+    while not (pids := _worker_pids(1, project)) or len(_runs(project, record)) == before:
         assert proc.poll() is None and time.monotonic() < deadline, "the 2-process stage did not start"
         time.sleep(0.5)
     time.sleep(2)  # into training
