@@ -28,7 +28,7 @@ def reproduced(tmp_path_factory) -> Path:
         return base_project(tmp_path_factory.mktemp("reproduced"))
     shared = tmp_path_factory.getbasetemp().parent / "reproduced"
     with FileLock(str(shared) + ".lock"):
-        if not (shared / "base" / ".git").is_dir() or not (shared / "done").is_file():
+        if not (shared / "done").is_file():  # written last: a build that died is redone
             shutil.rmtree(shared, ignore_errors=True)
             base_project(shared)
             (shared / "done").touch()
