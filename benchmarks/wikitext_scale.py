@@ -3,10 +3,11 @@ exponents against tokens, and New-LLM's cost against the matched Transformer's e
 
 A scratch copy of the pipeline (its own git, DVC repo and MLflow store) is tokenized once (BPE 8000 on the
 whole of WikiText-2); then, for each training-token count N (`phase1.max_tokens` = `train.max_tokens` = N,
-0 = the whole split), the real stage scripts run one after another, each in its own process, timed and
-measured by `os.wait4` (ru_maxrss: the process's peak resident set, page cache excluded):
+0 = the whole split; `--phase1-tokens M` trains Phase 1 on the first M instead), the real stage scripts run
+one after another, each in its own process, timed and measured by `os.wait4` (ru_maxrss: the process's peak
+resident set, page cache excluded):
 
-    phase1_cvfp        Phase 1 on N tokens (chunks of phase1.chunk_tokens, the iterate on disk when large)
+    phase1_cvfp        Phase 1 on N (or M) tokens (chunks of phase1.chunk_tokens, the iterate on disk when large)
     phase2_train       the context cache (train, val, test) + one Phase 2 epoch on N tokens
     train_baseline     the matched Transformer (param_budget sizes it), one epoch on the same N tokens
 
@@ -145,6 +146,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="100000,500000,2000000,0", help="training-token counts (0 = all)")
     ap.add_argument("--context-dim", type=int, default=512)
     ap.add_argument("--iterations", type=int, default=10, help="Phase 1 iterations (the default params' 10)")
+    ap.add_argument("--phase1-tokens", type=int, default=0,
+                    help="Phase 1 trains on the first N of them (phase1.max_tokens; 0 = as many as Phase 2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--baselines", default="transformer", help="matched baselines to time beside New-LLM (transformer,lstm)")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch project folder (default: a temp dir)")
@@ -174,7 +177,8 @@ def main() -> None:
     flops = None
     for size in sizes:
         n = min(size or n_train, n_train)
-        set_params(proj, {"phase1": {"max_tokens": size}, "train": {"max_tokens": size}})
+        p1 = min(a.phase1_tokens or n, n)
+        set_params(proj, {"phase1": {"max_tokens": p1}, "train": {"max_tokens": size}})
         for name, cmd, record in (
                 ("phase1_cvfp", ["stages/phase1_cvfp.py"], "phase1/seed0"),
                 ("phase2_train", ["stages/phase2_train.py", "newllm", "--lr", str(LR)], f"sweep/phase2_train/lr{LR}"),
@@ -192,6 +196,7 @@ def main() -> None:
             write_json(a, rows, flops)
         if flops is None and "transformer" in a.baselines:  # the checkpoints exist now; training's count is per token
             flops = flops_per_token(proj, n, a.iterations)
+            flops["phase1"] *= p1 / n  # paid on Phase 1's tokens, counted per token Phase 2 and the Transformer see
             write_json(a, rows, flops)
 
     report(rows, a, flops)
@@ -202,7 +207,8 @@ def report(rows: list[dict], a: argparse.Namespace, flops: dict[str, float] | No
     for r in rows:
         if r["tokens"] is not None:
             per.setdefault(r["tokens"], {})[r["stage"]] = r
-    print(f"\n## WikiText-2, BPE 8000, context_dim {a.context_dim}, Phase 1 {a.iterations} iterations, "
+    on = f" on the first {a.phase1_tokens:,} tokens" if a.phase1_tokens else ""
+    print(f"\n## WikiText-2, BPE 8000, context_dim {a.context_dim}, Phase 1 {a.iterations} iterations{on}, "
           f"device {a.device}\n")
     print("| train tokens | stage | wall (s) | peak RSS (GiB) | tokens/s | peak GPU (GiB) |")
     print("|---:|---|---:|---:|---:|---:|")
