@@ -126,6 +126,17 @@ def test_server_serves_both_runs_params_and_experiment_tag(served):
     assert parent["info"]["run_name"].startswith("context_dim=32 @ ")  # named by, and logging, what it changed
 
 
+def test_a_second_server_binds_its_own_port_and_serves_its_own_store(served, tmp_path):
+    """The server binds port 0 and local_server reads back the port it got: two at once (parallel test
+    workers, two `newllm ui`) never share one, so a URL always answers for its own store."""
+    base, _ = served
+    with mlflow_server(f"sqlite:///{tmp_path / 'other.db'}", tmp_path) as other:
+        assert other != base
+        names = {e["name"] for e in api(other, "experiments/search", {"max_results": 10})["experiments"]}
+        assert names == {"Default"}  # not the served store's "t"
+        assert api(base, "experiments/get-by-name", {"experiment_name": "t"})["experiment"]["name"] == "t"
+
+
 def test_server_serves_metric_histories(served):
     base, run_ids = served
     for exp_name, run_id in run_ids.items():

@@ -675,10 +675,8 @@ def ui_links(base: str, exp_id: str, curves_stage: str) -> dict[str, str]:
     return {"runs": f"{page}?{urlencode(ML_MODE)}", "curves": f"{page}?{urlencode(curves, quote_via=quote)}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The address the server logs once bound: uvicorn (MLflow's default) or gunicorn (--gunicorn-opts).
+_BOUND = re.compile(r"(?:Uvicorn running on|Listening at:) (http://127\.0\.0\.1:\d+)")
 
 
 @contextlib.contextmanager
@@ -686,31 +684,35 @@ def local_server(backend_uri: str, workdir: Path, artifacts: Path | None = None,
                  timeout: float = 45.0) -> Iterator[str]:
     """A real `mlflow server` over `backend_uri` on a free 127.0.0.1 port; yields its base URL once /health
     answers, and ends it (its whole process group: the uvicorn worker too) on exit, failure included.
-    `artifacts`: the server stores artifacts there and proxies them, as a team's server does with S3."""
+    `artifacts`: the server stores artifacts there and proxies them, as a team's server does with S3.
+    The server binds port 0 itself and logs the port it got: a port picked here and bound there could be
+    taken in between by a parallel test's server, whose /health would then answer for this one."""
     import urllib.error
     import urllib.request
 
-    port = _free_port()
     store = (["--artifacts-destination", artifacts.as_uri(), "--serve-artifacts"] if artifacts else
              ["--default-artifact-root", (workdir / "mlartifacts").as_uri()])
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, *store,
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+           "--host", "127.0.0.1", "--port", "0", "--workers", "1"]
     # No background job consumers (GenAI scorers): several extra processes a laptop does not need.
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log_path = workdir / "mlflow-server.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    base = None
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 raise PipelineError(f"mlflow server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            with contextlib.suppress(urllib.error.URLError, OSError):
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
-                    if resp.read() == b"OK":
-                        break
+            if base is None and (bound := _BOUND.search(log_path.read_text(errors="replace"))):
+                base = bound.group(1)
+            if base is not None:
+                with contextlib.suppress(urllib.error.URLError, OSError):
+                    with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                        if resp.read() == b"OK":
+                            break
             if time.monotonic() > deadline:
                 raise PipelineError(f"mlflow server not healthy in {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
