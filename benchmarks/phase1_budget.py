@@ -46,8 +46,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = ap.parse_args()
     variants = [v.strip() for v in a.phase1.split(",")]
-    if bad := [v for v in variants if v != "off" and not v.isdigit()]:
-        sys.exit(f"--phase1: {bad[0]!r} is neither a token count nor 'off'")
+    if bad := [v for v in variants if v != "off" and not (v.isdigit() and int(v) > 0)]:
+        sys.exit(f"--phase1: {bad[0]!r} is neither a positive token count nor 'off'")
     if not (a.data / "train.txt").is_file():
         sys.exit(f"no WikiText-2 at {a.data} (want train.txt, valid.txt, test.txt): pass --data")
 

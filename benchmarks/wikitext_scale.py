@@ -94,7 +94,12 @@ def timing(proj: Path, record: str) -> dict:
     return out
 
 
-def flops_per_token(proj: Path, tokens: int, iterations: int) -> dict[str, float]:
+def phase1_tokens(a: argparse.Namespace, n: int) -> int:
+    """How many of the n training tokens Phase 1 trains on (--phase1-tokens, 0 = all)."""
+    return min(a.phase1_tokens or n, n)
+
+
+def flops_per_token(proj: Path, tokens: int, iterations: int, phase1_tokens: int) -> dict[str, float]:
     """Matmul FLOPs per training token of each part of an epoch-equivalent, counted by torch's
     FlopCounterMode (one rule for every model: matmuls and attention, not elementwise ops) on the real
     training tokens and the trained checkpoints: why the wall ratio is what it is, whatever the machine.
@@ -103,7 +108,8 @@ def flops_per_token(proj: Path, tokens: int, iterations: int) -> dict[str, float
     fwd + bwd) + the final check (an exact pass + a parallel pass); the cache = one exact pass; an epoch =
     fwd + bwd. Phase 1 and the cache are counted on one chunk of their real layout (phase1.streams streams,
     chunk_tokens positions): their token projections run once per distinct token of a chunk, so random ids
-    would overcount them. Passes over val and test (val ER, their cache) are left out: fixed costs."""
+    would overcount them. Passes over val and test (val ER, their cache) are left out: fixed costs.
+    Phase 1's count is per token it trains on (the first `phase1_tokens`), the others per training token."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -116,7 +122,7 @@ def flops_per_token(proj: Path, tokens: int, iterations: int) -> dict[str, float
     p1, train = params["phase1"], params["train"]
     vocab = json.loads((proj / "data" / "tokens" / "meta.json").read_text())["vocab_size"]
     ids = torch.from_numpy(np.load(proj / "data" / "tokens" / "train.npy").astype(np.int64))[:tokens]
-    chunk = split_streams(ids, p1["streams"])[:, : max(1, p1["chunk_tokens"] // p1["streams"])]
+    chunk = split_streams(ids[:phase1_tokens], p1["streams"])[:, : max(1, p1["chunk_tokens"] // p1["streams"])]
     batch = ids[: train["batch_size"] * train["seq_len"]].reshape(train["batch_size"], train["seq_len"])
     sweep = proj / "data" / "checkpoints" / "sweep"
     llm = factory.load_model("newllm", vocab, sweep / "phase2_train" / f"lr{LR}.pt")
@@ -177,8 +183,7 @@ def main() -> None:
     flops = None
     for size in sizes:
         n = min(size or n_train, n_train)
-        p1 = min(a.phase1_tokens or n, n)
-        set_params(proj, {"phase1": {"max_tokens": p1}, "train": {"max_tokens": size}})
+        set_params(proj, {"phase1": {"max_tokens": phase1_tokens(a, n)}, "train": {"max_tokens": size}})
         for name, cmd, record in (
                 ("phase1_cvfp", ["stages/phase1_cvfp.py"], "phase1/seed0"),
                 ("phase2_train", ["stages/phase2_train.py", "newllm", "--lr", str(LR)], f"sweep/phase2_train/lr{LR}"),
@@ -195,8 +200,7 @@ def main() -> None:
             print(f"{n:>9,} {name:>13}: {wall:7.1f} s  peak RSS {rss:5.2f} GiB  {tps}", flush=True)
             write_json(a, rows, flops)
         if flops is None and "transformer" in a.baselines:  # the checkpoints exist now; training's count is per token
-            flops = flops_per_token(proj, n, a.iterations)
-            flops["phase1"] *= p1 / n  # paid on Phase 1's tokens, counted per token Phase 2 and the Transformer see
+            flops = flops_per_token(proj, n, a.iterations, phase1_tokens(a, n))
             write_json(a, rows, flops)
 
     report(rows, a, flops)
@@ -237,13 +241,16 @@ def report(rows: list[dict], a: argparse.Namespace, flops: dict[str, float] | No
         print(f"| {n:,} | {new:.1f} | {p2['context_cache_s']:.1f} | {tf_epoch:.1f} | {new / tf_epoch:.2f} | "
               f"{(p1['wall_s'] + p2['wall_s']) / tf['wall_s']:.2f} | {p2['context_cache_s'] / new:.0%} |")
     if flops:
-        new = flops["phase1"] + flops["cache"] + flops["phase2_epoch"]
-        print(f"\nMatmul FLOPs per training token (torch FlopCounterMode): Phase 1 ({a.iterations} iterations) "
-              f"{flops['phase1'] / 1e6:.1f} M ({flops['phase1_step'] / 1e6:.2f} M a step), cache "
-              f"{flops['cache'] / 1e6:.2f} M, Phase 2 epoch "
-              f"{flops['phase2_epoch'] / 1e6:.1f} M: New-LLM {new / 1e6:.1f} M against the Transformer's epoch "
-              f"{flops['transformer_epoch'] / 1e6:.1f} M, a FLOP ratio of {new / flops['transformer_epoch']:.2f} "
-              f"(Phase 1 alone {flops['phase1'] / flops['transformer_epoch']:.2f}).")
+        tf = flops["transformer_epoch"]
+        print(f"\nMatmul FLOPs per token (torch FlopCounterMode): Phase 1 ({a.iterations} iterations) "
+              f"{flops['phase1'] / 1e6:.1f} M per token it trains on ({flops['phase1_step'] / 1e6:.2f} M a step), "
+              f"cache {flops['cache'] / 1e6:.2f} M, Phase 2 epoch {flops['phase2_epoch'] / 1e6:.1f} M, the "
+              f"Transformer's epoch {tf / 1e6:.1f} M.")
+        for n in sizes:  # Phase 1's share of the training tokens sets its cost per training token
+            phase1 = flops["phase1"] * phase1_tokens(a, n) / n
+            new = phase1 + flops["cache"] + flops["phase2_epoch"]
+            print(f"{n:,} training tokens, Phase 1 on {phase1_tokens(a, n):,}: New-LLM {new / 1e6:.1f} M against "
+                  f"{tf / 1e6:.1f} M, a FLOP ratio of {new / tf:.2f} (Phase 1 alone {phase1 / tf:.2f}).")
 
 
 if __name__ == "__main__":

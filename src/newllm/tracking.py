@@ -676,7 +676,7 @@ def ui_links(base: str, exp_id: str, curves_stage: str) -> dict[str, str]:
 
 
 # The address the server logs once bound: uvicorn (MLflow's default) or gunicorn (--gunicorn-opts).
-_BOUND = re.compile(r"(?:Uvicorn running on|Listening at:) (http://127\.0\.0\.1:\d+)")
+_BOUND = re.compile(r"(?:Uvicorn running on|Listening at:) (http://127\.0\.0\.1:[1-9]\d*) ")  # whole line only
 
 
 @contextlib.contextmanager
