@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from wikitext_scale import SHARED_DATA, make_project, measure, set_params, settings, timing
+from wikitext_scale import SHARED_DATA, make_project, measure, prepare, set_params, settings, timing
 
 
 def main() -> None:
@@ -61,8 +61,7 @@ def main() -> None:
     log = root / "stages.log"
     print(f"scratch project {proj}; stage output in {log}", flush=True)
     py = sys.executable
-    for stage in ("validate", "generate_dataset", "tokenize_data", "param_budget"):
-        measure([py, f"stages/{stage}.py"], proj, log)
+    prepare(proj, log)
 
     rows = []
     for seed in (int(s) for s in a.seeds.split(",")):

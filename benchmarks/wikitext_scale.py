@@ -80,6 +80,17 @@ def write_json(a: argparse.Namespace, rows: list[dict], flops: dict[str, float] 
                                       "rows": rows, "flops_per_token": flops}, indent=1) + "\n")
 
 
+def prepare(proj: Path, log: Path) -> list[dict]:
+    """The once-per-project stages (tokenization of the whole corpus, New-LLM's parameter budget) -> rows."""
+    rows = []
+    for name, script in (("validate", "validate"), ("generate_dataset", "generate_dataset"),
+                         ("tokenize", "tokenize_data"), ("param_budget", "param_budget")):
+        wall, rss = measure([sys.executable, f"stages/{script}.py"], proj, log)
+        rows.append({"tokens": None, "stage": name, "wall_s": wall, "rss_gib": rss})
+        print(f"{name:>16}: {wall:7.1f} s  peak RSS {rss:5.2f} GiB", flush=True)
+    return rows
+
+
 def set_params(proj: Path, over: dict) -> None:
     path = proj / "params.yaml"
     path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), over), sort_keys=False))
@@ -171,12 +182,7 @@ def main() -> None:
     print(f"settings: {json.dumps(settings(a.data, a.context_dim, a.iterations, a.device, a.baselines))}", flush=True)
     py = sys.executable
 
-    rows = []
-    for name, cmd in (("validate", ["stages/validate.py"]), ("generate_dataset", ["stages/generate_dataset.py"]),
-                      ("tokenize", ["stages/tokenize_data.py"]), ("param_budget", ["stages/param_budget.py"])):
-        wall, rss = measure([py, *cmd], proj, log)
-        rows.append({"tokens": None, "stage": name, "wall_s": wall, "rss_gib": rss})
-        print(f"{name:>16}: {wall:7.1f} s  peak RSS {rss:5.2f} GiB", flush=True)
+    rows = prepare(proj, log)
     n_train = json.loads((proj / "data" / "tokens" / "meta.json").read_text())["tokens_train"]
 
     sizes = [int(t) for t in a.tokens.split(",")]
