@@ -65,7 +65,9 @@ def measure(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
     """Run cmd -> (wall seconds, peak RSS in GiB of the process and its children)."""
     t0 = time.perf_counter()
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=out, stderr=subprocess.STDOUT)
+        # NEWLLM_WARM=0: the stage in this process itself, not in a warm server's fork, whose memory
+        # wait4 would not see
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**env(), "NEWLLM_WARM": "0"}, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:

@@ -10,6 +10,7 @@ never look alike in MLflow. What our dvc.yaml uses is resolved as DVC does: `for
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from dataclasses import dataclass
@@ -23,6 +24,18 @@ from newllm.errors import PipelineError
 DVC_YAML = "dvc.yaml"
 METRICS_DIR = "reports/metrics/"  # a stage's record is its metrics file's path under here
 TIMING_DIR = "reports/timing/"
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the same documents, parsed ~10x faster
+_PARSED: dict[tuple[str, int, int], Any] = {}
+
+
+def read_yaml(path: Path) -> Any:
+    """yaml.safe_load of a file, parsed once per process while it is unchanged (a stage start reads
+    dvc.yaml for its outs, params, tags and resume key: five parses of 600 lines were 0.75 s)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _PARSED:
+        _PARSED[key] = yaml.load(path.read_text(), Loader=_LOADER)
+    return copy.deepcopy(_PARSED[key])
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,7 @@ def load_stages(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Sta
     if not path.is_file():
         raise PipelineError(f"{path} not found: run stages from the project root (as `dvc repro` does)")
     stages: dict[str, Stage] = {}
-    for name, body in (yaml.safe_load(path.read_text()) or {}).get("stages", {}).items():
+    for name, body in (read_yaml(path) or {}).get("stages", {}).items():
         template = body.get("do", body)
         for cell, context in _cells(name, body, params, path):
             item = context.get("item")

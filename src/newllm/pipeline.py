@@ -50,6 +50,14 @@ def make_deterministic() -> None:
         set_mode(True, warn_only=True)
 
 
+def _warm_eligible(relaunches: bool) -> bool:
+    """This process is `python <script> ...` (a stage as DVC runs it) and will not re-execute itself under
+    torchrun, nor is a torchrun rank: then a warm process can run the script instead (warm.py)."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    return (not relaunches and "LOCAL_RANK" not in os.environ and script is not None and bool(sys.argv[0])
+            and os.path.realpath(script) == os.path.realpath(sys.argv[0]))
+
+
 def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any], None],
               precheck: Callable[[Params], None] | None = None, data_parallel: bool = False) -> None:
     """Validate params, open the stage's MLflow run, run `body(params, run)`, clean up on failure.
@@ -63,6 +71,10 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
     may read the chosen lr). Its outputs are the ones dvc.yaml declares (`run.declared`). `precheck(params)`
     checks the params against the stage's input files (sizes) before any MLflow run opens."""
     params = load_params_or_exit()
+    if _warm_eligible(data_parallel and params.distributed.nproc > 1):
+        from newllm import warm
+
+        warm.delegate()  # runs this script in a warm process and exits; returns when none answers
     try:
         record = stage if isinstance(stage, str) else stage(params)
         declared = stages(params)
