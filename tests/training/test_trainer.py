@@ -194,12 +194,13 @@ def test_a_non_finite_loss_stops_training_in_that_step():
 
 
 def test_an_exploded_but_finite_run_never_beats_its_initial_weights():
-    """lr 1e30: losses ~1e30 stay finite, so no error -- but best_epoch 0, the untrained model, never an epoch."""
+    """lr 1e15: losses ~1e15 stay finite, so no error -- but best_epoch 0, the untrained model, never an epoch.
+    (At lr 1e30 the weights' products overflow float32 on some CPUs' kernels: NaN, a divergence instead.)"""
     model = lstm()
     before = evaluate(model, stream(120, 2), 8, 4)["loss"]
     res = train_lm(model, stream(400, 1), stream(120, 2), cfg(optimizer="sgd", grad_clip=0.0, epochs=3, patience=2),
-                   lr=1e30, device="cpu", progress=False)
-    assert min(h["val_loss"] for h in res.history) > 1e20
+                   lr=1e15, device="cpu", progress=False)
+    assert min(h["val_loss"] for h in res.history) > 1e12
     assert res.best_epoch == 0 and res.best_val_loss == pytest.approx(before, rel=1e-12)
 
 
