@@ -87,15 +87,15 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def _storages(obj: Any) -> list[Any]:
-    """The distinct storages of every tensor reachable from obj (tensors, sequences, dicts, and the
-    attributes of objects such as a transformers Cache)."""
-    seen: dict[int, Any] = {}
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the distinct storages of every tensor reachable from obj (tensors, sequences, dicts, and
+    the attributes of objects such as a transformers Cache), each storage counted once."""
+    seen: dict[int, int] = {}
 
     def walk(o: Any, depth: int) -> None:
         if isinstance(o, Tensor):
             st = o.untyped_storage()
-            seen[st.data_ptr()] = st
+            seen[st.data_ptr()] = st.nbytes()
         elif depth > 4 or o is None or isinstance(o, (str, bytes, int, float, bool)):
             return
         elif isinstance(o, dict):
@@ -108,12 +108,7 @@ def _storages(obj: Any) -> list[Any]:
             walk(vars(o), depth + 1)
 
     walk(obj, 0)
-    return list(seen.values())
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of the distinct storages of every tensor reachable from obj, each storage counted once."""
-    return sum(st.nbytes() for st in _storages(obj))
+    return sum(seen.values())
 
 
 # ----------------------------------------------------------------------------------------------- runners
@@ -201,10 +196,7 @@ def _measure(r: _Runner, ids: Tensor, length: int, track: bool, device: torch.de
     cuda = device.type == "cuda"
     times = []
     with torch.no_grad(), tracker:
-        if start is not None:
-            state = copy.deepcopy(start)
-        else:
-            state = r.prefix(ids[:, :length - steps]) if length > steps else None
+        state = copy.deepcopy(start) if start is not None else _prefix(r, ids, length)
         if track:
             tracker.reset_peak()  # from here on: the carried state plus each step's temporaries
         for t in range(length - steps, length):
