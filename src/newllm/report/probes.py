@@ -16,7 +16,8 @@ and then produces S tokens one at a time, as in generation. We report, at the en
 
 Modes: recurrent models stream with their state; the Transformer runs (a) with its KV cache, (b) with full
 re-attention, recomputing the whole prefix at every token (cost ~ L per token, so only `full_steps` steps
-at the end of the sequence are measured). The trained Transformer has n_positions learned positions and
+at the end of the sequence are measured: one by default, as one such step at L = 16,384 takes seconds on
+a CPU, far longer than any scheduler stall, and each of the `repeats` passes still gives its sample). The trained Transformer has n_positions learned positions and
 cannot run beyond them as trained: with `beyond_positions="stop"` such rows carry no numbers; with
 "extend" (the default) they are measured on a copy whose position table is tiled to L -- the same shapes,
 hence the same memory and time, but meaningless outputs -- and the row's `status` says "cost only".
@@ -36,6 +37,7 @@ O(L) at most, so they do not change the picture; the numbers are a lower bound o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import time
 import weakref
@@ -114,21 +116,24 @@ def tensor_bytes(obj: Any) -> int:
 # ----------------------------------------------------------------------------------------------- runners
 @dataclass
 class _Runner:
-    """How one model/mode reaches position p (`prefix`) and then produces one token (`step`)."""
+    """How one model/mode reaches position p (`prefix`, fed `chunk` tokens at a time) and then produces
+    one token (`step`)."""
 
     model: str
     method: str
-    prefix: Callable[[Tensor], Any]  # ids (1, p) -> state after them
+    prefix: Callable[[Tensor, Any], Any]  # (ids (1, p), state before them or None) -> state after them
     step: Callable[[Tensor, Any, int], Any]  # (ids (1, t + 1) so far, state, t) -> state after token t
     state_of: Callable[[Any, int], int]  # (state, length) -> bytes carried
     steps: int
+    chunk: int
 
 
-def _chunked(fn: Callable[[Tensor, Any], Any], ids: Tensor, chunk: int) -> Any:
-    state = None
-    for i in range(0, ids.size(1), chunk):
-        state = fn(ids[:, i:i + chunk], state)
-    return state
+def _chunked(fn: Callable[[Tensor, Any], Any], chunk: int) -> Callable[[Tensor, Any], Any]:
+    def prefix(ids: Tensor, state: Any = None) -> Any:
+        for i in range(0, ids.size(1), chunk):
+            state = fn(ids[:, i:i + chunk], state)
+        return state
+    return prefix
 
 
 def _recurrent_runner(name: str, model: nn.Module, chunk: int, steps: int) -> _Runner:
@@ -138,16 +143,18 @@ def _recurrent_runner(name: str, model: nn.Module, chunk: int, steps: int) -> _R
     def feed(x: Tensor, state: Any) -> Any:
         return model(x, state)[1]  # the logits are produced (generation needs them) and dropped
 
-    return _Runner(name, "stream, state carried", lambda ids: _chunked(feed, ids, chunk),
-                   lambda ids, state, t: feed(ids[:, t:t + 1], state), lambda state, _: tensor_bytes(state), steps)
+    return _Runner(name, "stream, state carried", _chunked(feed, chunk),
+                   lambda ids, state, t: feed(ids[:, t:t + 1], state), lambda state, _: tensor_bytes(state), steps,
+                   chunk)
 
 
 def _kv_runner(name: str, model: TransformerLM, chunk: int, steps: int) -> _Runner:
     def feed(x: Tensor, cache: Any) -> Any:
         return model.step(x, cache)[1]
 
-    return _Runner(name, "KV cache", lambda ids: _chunked(feed, ids, chunk),
-                   lambda ids, cache, t: feed(ids[:, t:t + 1], cache), lambda cache, _: tensor_bytes(cache), steps)
+    return _Runner(name, "KV cache", _chunked(feed, chunk),
+                   lambda ids, cache, t: feed(ids[:, t:t + 1], cache), lambda cache, _: tensor_bytes(cache), steps,
+                   chunk)
 
 
 def _full_runner(name: str, model: TransformerLM, steps: int) -> _Runner:
@@ -160,7 +167,8 @@ def _full_runner(name: str, model: TransformerLM, steps: int) -> _Runner:
         model.gpt(input_ids=ids[:, :t + 1], use_cache=False, **keep)
 
     # no cache: what it carries is the token ids it re-reads at every step (int64)
-    return _Runner(name, "full re-attention", lambda ids: None, step, lambda _, length: 8 * length, steps)
+    return _Runner(name, "full re-attention", lambda ids, state: None, step, lambda _, length: 8 * length, steps,
+                   chunk=1)
 
 
 def _with_positions(model: TransformerLM, n_positions: int) -> TransformerLM:
@@ -176,27 +184,38 @@ def _with_positions(model: TransformerLM, n_positions: int) -> TransformerLM:
 
 
 # ----------------------------------------------------------------------------------------------- probe
-def _prefix(r: _Runner, ids: Tensor, length: int) -> Any:
-    """The state after ids[:, :L - steps]: where `r`'s timed steps start."""
-    steps = min(r.steps, length)
+def _prefix(r: _Runner, ids: Tensor, length: int, start: int = 0, state: Any = None) -> Any:
+    """The state after ids[:, :L - steps] (where `r`'s timed steps start), fed from position `start` on,
+    from `state`, the state after ids[:, :start]."""
+    end = length - min(r.steps, length)
     with torch.no_grad():
-        return r.prefix(ids[:, :length - steps]) if length > steps else None
+        return r.prefix(ids[:, start:end], state) if end > start else state
 
 
-def _measure(r: _Runner, ids: Tensor, length: int, track: bool, device: torch.device, start: Any = None
-             ) -> tuple[int | None, float, int]:
+def _last_chunk(r: _Runner, length: int) -> int:
+    """Where the prefix's last chunk starts. The memory pass feeds every chunk before it outside the
+    tracker (whose Python dispatch per op costs seconds over thousands of positions) and the last one
+    inside: each chunk replaces the whole carried state, so the tracker still sees all of it allocated."""
+    end = length - min(r.steps, length)
+    return max(0, (end - 1) // r.chunk * r.chunk)
+
+
+def _measure(r: _Runner, ids: Tensor, length: int, track: bool, device: torch.device, start: Any = None,
+             resume: tuple[int, Any] = (0, None)) -> tuple[int | None, float, int]:
     """(peak_bytes or None, seconds per token, state bytes) over the last `r.steps` positions of ids[:, :L].
 
     Seconds per token is the median over the steps: a scheduler stall on a shared machine moves one step,
     not the figure. `start`: the prefix's state (`_prefix`), computed once by the caller for its timed
-    passes and copied here, as the steps may update it in place (a KV cache). The memory pass gives none:
-    its prefix runs inside the tracker, which must see the carried state allocated."""
+    passes and copied here, as the steps may update it in place (a KV cache). The memory pass gives none
+    but `resume`, (p, the state after ids[:, :p]), p at most `_last_chunk`: the rest of its prefix runs
+    inside the tracker, which must see the carried state allocated."""
     steps = min(r.steps, length)
     tracker = LiveTensorBytes() if track else nullcontext()
     cuda = device.type == "cuda"
     times = []
     with torch.no_grad(), tracker:
-        state = copy.deepcopy(start) if start is not None else _prefix(r, ids, length)
+        state = copy.deepcopy(start) if start is not None else _prefix(r, ids, length, *resume)
+        del resume
         if track:
             tracker.reset_peak()  # from here on: the carried state plus each step's temporaries
         for t in range(length - steps, length):
@@ -212,7 +231,7 @@ def _measure(r: _Runner, ids: Tensor, length: int, track: bool, device: torch.de
 
 
 def memory_vs_length(models: dict[str, nn.Module], lengths: list[int], vocab_size: int,
-                     device: str | torch.device = "cpu", steps: int = 32, full_steps: int = 3,
+                     device: str | torch.device = "cpu", steps: int = 32, full_steps: int = 1,
                      memory_steps: int = 4, chunk: int = 256, seed: int = 0, repeats: int = 3,
                      beyond_positions: Literal["extend", "stop"] = "extend") -> list[dict]:
     """One row per (model, method, length): state_bytes, peak_bytes, ms_per_token, status (see module doc).
@@ -254,9 +273,14 @@ def memory_vs_length(models: dict[str, nn.Module], lengths: list[int], vocab_siz
                     r = cost_only
                     row["status"] = (f"cost only: beyond trained positions (n_positions={n_pos}); position "
                                      f"table tiled to {max(lengths)}, outputs meaningless")
-                mem_runner = _Runner(r.model, r.method, r.prefix, r.step, r.state_of, min(memory_steps, r.steps))
-                peak, _, state_bytes = _measure(mem_runner, ids, length, track=True, device=device)
-                start = _prefix(r, ids, length)  # once: the timed passes differ only in their steps
+                mem_runner = dataclasses.replace(r, steps=min(memory_steps, r.steps))
+                # the chunks both passes' prefixes share, fed once, untracked
+                head = min(_last_chunk(mem_runner, length), _last_chunk(r, length))
+                with torch.no_grad():
+                    shared = r.prefix(ids[:, :head], None) if head else None
+                peak, _, state_bytes = _measure(mem_runner, ids, length, track=True, device=device,
+                                                resume=(head, copy.deepcopy(shared)))
+                start = _prefix(r, ids, length, head, shared)  # once: the timed passes differ only in their steps
                 ms = sorted(1000 * _measure(r, ids, length, track=False, device=device, start=start)[1]
                             for _ in range(repeats))
                 row.update(state_bytes=state_bytes, peak_bytes=peak, ms_per_token=ms[len(ms) // 2],
