@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/python -m newllm.warm start  # the warm stage server preloads while the store is made (README: Start-up)
 	$(BIN)/newllm init-store
 	$(BIN)/dvc repro
 

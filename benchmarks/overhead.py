@@ -3,7 +3,7 @@
 A scratch copy of the project (this working tree, or `--rev REV` as committed: a fresh clone, its own
 git, DVC cache and MLflow store) runs what README's loop runs, each timed:
 
-    make run's `newllm init-store` + `dvc repro`     the whole default pipeline, from nothing
+    `make run`'s recipe (as the copy's Makefile says)  the whole default pipeline, from nothing
     `dvc repro` again                                 the no-op: every stage cached
     `dvc exp run -S context_dim=128`                  the documented ablation
 
@@ -85,6 +85,20 @@ def environment(proj: Path, log: Path, cold: bool) -> dict[str, str]:
     return env
 
 
+def make_run_recipe(proj: Path) -> list[list[str]]:
+    """The commands `make run` runs after its install step, read from `proj`'s own Makefile (so a `--rev`
+    is timed as its users ran it), with this interpreter's venv in place of the copy's `.venv`."""
+    out = subprocess.run(["make", "-s", "-n", "-o", ".venv/.installed", "run"], cwd=proj, capture_output=True,
+                         text=True, check=True).stdout
+    recipe = []
+    for line in out.splitlines():
+        argv = [str(VENV_BIN / a.removeprefix(".venv/bin/")) if a.startswith(".venv/bin/") else a
+                for a in shlex.split(line, comments=True)]
+        if argv:
+            recipe.append(argv)
+    return recipe
+
+
 def timed(cmd: list[str], proj: Path, env: dict[str, str], out: Path) -> tuple[float, float, float]:
     t0 = time.time()
     with out.open("ab") as f:
@@ -163,11 +177,12 @@ def main() -> None:
     dvc = [str(VENV_BIN / "dvc")]
     results = []
 
-    t0, _, init_s = timed([str(VENV_BIN / "newllm"), "init-store"], proj, env, out)
-    _, t1, repro_s = timed([*dvc, "repro"], proj, env, out)
+    spans = [(argv, timed(argv, proj, env, out)) for argv in make_run_recipe(proj)]
+    t0, t1 = spans[0][1][0], spans[-1][1][1]
+    parts = " + ".join(f"{Path(argv[0]).name} {' '.join(argv[1:])} {s[2]:.1f} s" for argv, s in spans)
     store = proj / "mlflow.db"
-    results.append(table(f"make run (init-store {init_s:.1f} s + dvc repro)", init_s + repro_s,
-                         stage_intervals(log, t0, t1), run_times(store)))
+    results.append(table(f"make run ({parts})", sum(s[2] for _, s in spans), stage_intervals(log, t0, t1),
+                         run_times(store)))
     if a.save_metrics:
         shutil.copytree(proj / "reports" / "metrics", a.save_metrics, dirs_exist_ok=True)
     t0, t1, noop_s = timed([*dvc, "repro"], proj, env, out)

@@ -122,3 +122,18 @@ def test_another_user_is_refused(server_env):
     os.close(write)
     os.waitpid(pid, 0)
     assert os.read(read, 200) == b"refused"
+
+
+def test_make_runs_start_gives_the_first_stage_a_warm_process(tmp_path):
+    """`python -m newllm.warm start` (make run's first step) returns at once with a server coming up; a
+    stage that arrives while the server still imports torch waits for it instead of running cold."""
+    env = {**os.environ, "NEWLLM_WARM_IDLE_S": f"15.{os.getpid()}{time.monotonic_ns() % 10**6}"}
+    env.pop(warm.CHILD_ENV, None)
+    env.pop("NEWLLM_WARM", None)
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "newllm.warm", "start"], env=env, check=True, timeout=60)
+    started = time.monotonic() - t0
+    first = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "warm True" in first.stdout, (started, first.stdout, first.stderr)

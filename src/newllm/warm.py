@@ -59,14 +59,8 @@ def address(env: dict[str, str] | None = None) -> str:
 def delegate() -> None:
     """Run this process's script (sys.argv) in a warm child and exit with its code; return (having done
     nothing) when no server answers, after starting one in the background for the next stage."""
-    if not enabled():
-        return
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(address())
-    except OSError:
-        sock.close()
-        _spawn_server()
+    sock = _connect()
+    if sock is None:
         return
     request = json.dumps({"argv": [os.path.abspath(sys.argv[0]), *sys.argv[1:]], "cwd": os.getcwd(),
                           "env": dict(os.environ)}).encode()
@@ -99,6 +93,21 @@ def delegate() -> None:
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code)
+
+
+def _connect() -> socket.socket | None:
+    """A connection to this interpreter and environment's server; None (after starting one in the
+    background) when none answers, or when warm start-up is off."""
+    if not enabled():
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(address())
+        return sock
+    except OSError:
+        sock.close()
+        _spawn_server()
+        return None
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -135,12 +144,14 @@ def serve(idle_s: float) -> None:
         server.bind(address())  # the name is ours: a second server for the same key leaves here
     except OSError:
         return
+    # Listening before the preload: a stage that comes meanwhile waits in the backlog for what is left of
+    # it, which is never longer than importing the same packages cold beside it on the same cores.
+    server.listen(64)
     for name in PRELOAD:
         try:
             importlib.import_module(name)
         except Exception:  # an optional package missing: its importer pays for it, cold
             pass
-    server.listen(64)  # only now: until here a stage finds nobody listening and runs cold, not waiting
     events = selectors.DefaultSelector()
     events.register(server, selectors.EVENT_READ)
     children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, the client's connection)
@@ -259,7 +270,19 @@ def _run(argv: list[str], conn: socket.socket) -> int:
     return code
 
 
+def start() -> None:
+    """Start a server for this interpreter and environment in the background unless one answers: `make
+    run` calls it first, so that the store's creation and DVC's start overlap the server's preload."""
+    sock = _connect()
+    if sock is not None:
+        sock.close()
+
+
 if __name__ == "__main__":
     if os.environ.get("NEWLLM_WARM_SERVER") == "1":
         os.environ.pop("NEWLLM_WARM_SERVER")
         serve(float(os.environ.get("NEWLLM_WARM_IDLE_S", "300")))
+    elif sys.argv[1:] == ["start"]:
+        start()
+    else:
+        sys.exit("usage: python -m newllm.warm start   (start a warm stage server in the background)")
