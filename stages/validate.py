@@ -1,7 +1,8 @@
-"""DVC stage `validate` (always_changed): the whole of params.yaml is checked on every `dvc repro`, even one
-where no other stage would rerun. An unknown key anywhere, an unregistered model in `baselines`, a dataset
-file or folder that is not there, an empty list: one line naming the key, before any stage computes or opens
-an MLflow run. Its output never changes, so it reruns nothing downstream."""
+"""DVC stage `validate`: the whole of params.yaml is checked whenever it changes (params.yaml is its dep),
+even when no other stage would rerun, and in a fresh clone (its marker is not committed). An unknown key
+anywhere, an unregistered model in `baselines`, a dataset file or folder that is not there, an empty list:
+one line naming the key, before any stage computes or opens an MLflow run. Its output never changes, so it
+reruns nothing downstream."""
 
 from pathlib import Path
 
