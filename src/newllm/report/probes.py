@@ -17,9 +17,9 @@ and then produces S tokens one at a time, as in generation. We report, at the en
 Modes: recurrent models stream with their state; the Transformer runs (a) with its KV cache, (b) with full
 re-attention, recomputing the whole prefix at every token (cost ~ L per token, so only `full_steps` steps
 at the end of the sequence are measured: one by default, as one such step at L = 16,384 takes seconds on
-a CPU, far longer than any scheduler stall, and each of the `repeats` passes still gives its sample). The trained Transformer has n_positions learned positions and
-cannot run beyond them as trained: with `beyond_positions="stop"` such rows carry no numbers; with
-"extend" (the default) they are measured on a copy whose position table is tiled to L -- the same shapes,
+a CPU, far longer than any scheduler stall, and each of the `repeats` passes still gives its sample).
+The trained Transformer has n_positions learned positions and cannot run beyond them as trained: with
+`beyond_positions="stop"` such rows carry no numbers; with "extend" (the default) they are measured on a copy whose position table is tiled to L -- the same shapes,
 hence the same memory and time, but meaningless outputs -- and the row's `status` says "cost only".
 
 How memory is measured, and why: `LiveTensorBytes`, a TorchDispatchMode, sees every tensor an aten op
@@ -215,7 +215,6 @@ def _measure(r: _Runner, ids: Tensor, length: int, track: bool, device: torch.de
     times = []
     with torch.no_grad(), tracker:
         state = copy.deepcopy(start) if start is not None else _prefix(r, ids, length, *resume)
-        del resume
         if track:
             tracker.reset_peak()  # from here on: the carried state plus each step's temporaries
         for t in range(length - steps, length):
