@@ -15,6 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process: `make test` runs 4 workers, each starting stages, on 2 cores; a thread
+# pool per process only oversubscribes them (measured: tests/training + test_tracking.py, 4 workers,
+# 214.7 s at 2 threads, 102.7 s at 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,8 +78,9 @@ def env() -> dict:
 
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600,
         extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
-                         timeout=timeout)
+    """`cmd` in `cwd` with the tests' environment; a None in `extra_env` unsets that variable."""
+    e = {k: v for k, v in {**env(), **(extra_env or {})}.items() if v is not None}
+    res = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res

@@ -272,17 +272,28 @@ def test_sliding_windows_score_every_position_once_with_at_least_half_a_window_o
     assert scored == list(range(1, n))  # the same predictions as non-overlapping windows
 
 
+def _copy_two_back(n: int, seed: int) -> torch.Tensor:
+    """3 symbols, each a copy of the one two before it (10 % noise): the current token alone says nothing
+    of the next, the one before it nearly all. Not periodic, so no window phase can be memorised."""
+    g = torch.Generator().manual_seed(seed)
+    noise, draw = torch.rand(n, generator=g) < 0.1, torch.randint(0, 3, (n,), generator=g)
+    ids = draw.clone()
+    for t in range(2, n):
+        ids[t] = draw[t] if noise[t] else ids[t - 2]
+    return ids
+
+
 def test_a_windowed_model_is_scored_on_the_same_tokens_with_more_context():
     torch.manual_seed(0)
-    period = torch.randint(0, 3, (11,), generator=torch.Generator().manual_seed(5))  # 3 symbols: ambiguous
-    ids = period.repeat(40)  # the current token alone is ambiguous; a few tokens of context are not
+    train, val = _copy_two_back(800, 5), _copy_two_back(300, 6)
     m = TransformerLM(V, 1, 2, 32, seq_len=8, dropout=0.0)
-    train_lm(m, ids, ids[:200], cfg(epochs=80), lr=0.01, device="cpu", progress=False)
-    sliding = evaluate(m, ids, 8, 4)
+    train_lm(m, train, val, cfg(epochs=20), lr=0.01, device="cpu", progress=False)
+    sliding = evaluate(m, val, 8, 4)
     m.windowed = False  # the same weights, read in non-overlapping windows
-    plain = evaluate(m, ids, 8, 4)
-    assert sliding["tokens"] == plain["tokens"] == 4 * (110 - 1)
-    assert sliding["loss"] < 0.9 * plain["loss"]  # window starts no longer predict from one token (measured: -19 %)
+    plain = evaluate(m, val, 8, 4)
+    assert sliding["tokens"] == plain["tokens"] == 4 * (75 - 1)
+    # window starts no longer predict from one token (measured: -41 % on 1 thread, -45 % on 2)
+    assert sliding["loss"] < 0.9 * plain["loss"]
 
 
 def test_a_long_epoch_prints_progress_lines_and_reports_live_points(monkeypatch, capsys):
