@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -74,8 +75,11 @@ def runs(proj: Path) -> list[tuple[str, str, str]]:
     db = proj / "mlflow.db"
     if not db.is_file():
         return []
-    with sqlite3.connect(db) as con:
-        return con.execute("select run_uuid, status, name from runs").fetchall()
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("select run_uuid, status, name from runs").fetchall()
+    except sqlite3.DatabaseError:  # the fault that overwrites the store: nothing can have been logged in it
+        return []
 
 
 def tag(proj: Path, run_id: str, key: str) -> str | None:
@@ -338,6 +342,113 @@ def queue_two_workers(base: Path, root: Path) -> Row:
                ok=ok)
 
 
+class Unavailable(Exception):
+    """This machine cannot stage the fault (no way to make a file read-only as root, a GPU present)."""
+
+
+def _read_only(path: Path) -> Callable[[], None]:
+    """Make `path` unwritable -> the undo. Root ignores permission bits, so as root: chattr +i (immutable)."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(mode & ~0o222)
+        return lambda: path.chmod(mode)
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        raise Unavailable(f"chattr +i {path} failed: no way to make it read-only as root here")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def store_not_a_database(base: Path, root: Path) -> Row:
+    proj = copy_of(base, root, "store_garbage")
+    db = proj / "mlflow.db"
+    db.write_bytes(random.Random(0).randbytes(db.stat().st_size))  # overwritten, as a bad copy or disk would
+    return refusal("MLflow store overwritten with random bytes", proj, r"mlflow.db is not an SQLite database.*"
+                   r"newllm init-store", args=("repro", "-f", "-s", "tokenize"))
+
+
+def store_read_only(base: Path, root: Path) -> Row:
+    proj = copy_of(base, root, "store_read_only")
+    undo = _read_only(proj / "mlflow.db")
+    try:
+        return refusal("MLflow store read-only (chattr +i)", proj, r"mlflow.db is read-only",
+                       args=("repro", "-f", "-s", "tokenize"))
+    finally:
+        undo()
+
+
+def store_folder_read_only(base: Path, root: Path) -> Row:
+    """MLFLOW_TRACKING_URI names a new store in a folder nobody may write: SQLite could not create it."""
+    proj = copy_of(base, root, "store_folder")
+    folder = root / "read-only-folder"
+    folder.mkdir()
+    undo = _read_only(folder)
+    try:
+        return refusal("MLflow store in a read-only folder", proj, r"its folder .*read-only-folder is not writable",
+                       args=("repro", "-f", "-s", "tokenize"),
+                       extra_env={"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"})
+    finally:
+        undo()
+
+
+def byte_order_mark(base: Path, root: Path) -> Row:
+    """A Windows editor's corpus (UTF-8 BOM, CRLF lines): accepted, the mark dropped with a notice; no
+    line and no token of the vocabulary starts with U+FEFF."""
+    proj = copy_of(base, root, "bom")
+    corpus = root / "bom.txt"
+    corpus.write_bytes(b"\xef\xbb\xbf" + "".join(f"the word{i % 50} is here\r\n" for i in range(60)).encode())
+    set_params(proj, {"dataset": {"source": "text", "path": str(corpus)}})
+    rc, out, seconds = dvc(proj, "repro", "tokenize")
+    notice = next((ln.strip() for ln in out.splitlines() if "byte-order mark" in ln), "(no notice)")
+    train = (proj / "data/dataset/train.txt").read_text(encoding="utf-8") if rc == 0 else "\ufeff"
+    vocab = json.loads((proj / "data/tokens/tokenizer.json").read_text())["model"]["vocab"] if rc == 0 else {}
+    marked = [t for t in vocab if "\ufeff" in t]
+    return Row("bad file: UTF-8 BOM + CRLF lines", f"exit {rc}: {notice[:110]}; {len(marked)} BOM token(s), "
+               f"train.txt starts {train[:8]!r}", seconds, 0, running(proj),
+               ok=rc == 0 and "dropped" in notice and not marked and "the" in vocab and train.startswith("the"))
+
+
+def cuda_without_gpu(base: Path, root: Path) -> Row:
+    import torch
+
+    if torch.cuda.is_available():
+        raise Unavailable("this machine has a CUDA device")
+    return bad_param("device: cuda without a GPU", {"device": "cuda"},
+                     r"device is cuda, but torch sees no CUDA device.*set device: auto")(base, root)
+
+
+def bit_rot(base: Path, root: Path) -> Row:
+    """Up to 4,000 bytes flipped in the middle of a sweep checkpoint's largest tensor (where torch reads them
+    without complaint), size and mtime kept: `dvc status` stays clean (DVC trusts both), the load refuses it
+    in one line naming the rerun, and that rerun restores the checkpoint's bytes."""
+    import torch
+
+    proj = copy_of(base, root, "bit_rot")
+    ckpt = proj / f"data/checkpoints/{KILL_RECORD}.pt"
+    run(["dvc", "status"], proj)  # DVC records this copy's files (inode, size, mtime) as it would have them
+    want = md5(ckpt)
+    raw, stat = bytearray(ckpt.read_bytes()), ckpt.stat()
+    tensors = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"].values()
+    data = max(tensors, key=lambda t: t.nbytes).numpy().tobytes()
+    n = min(4000, len(data) // 2)
+    mid = raw.find(data) + (len(data) - n) // 2  # torch stores tensors uncompressed
+    raw[mid:mid + n] = bytes(b ^ 0xFF for b in raw[mid:mid + n])
+    ckpt.write_bytes(bytes(raw))
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    clean = not yaml.safe_load(run(["dvc", "status", "--json"], proj).stdout)
+    t0 = time.perf_counter()
+    gen = run(["newllm", "generate", "--model", "lstm", "--max-new-tokens", "3"], proj, check=False)
+    seconds = time.perf_counter() - t0
+    errors = [ln for ln in gen.stderr.splitlines() if ln.startswith("error: ")]  # (after generate's info line)
+    line = errors[0] if errors else "(no error line)"
+    advice = re.search(r"`(dvc repro -f -s \S+)`", line)
+    repaired = advice is not None and run(advice.group(1).split(), proj, check=False).returncode == 0 and md5(ckpt) == want
+    ok = (gen.returncode != 0 and len(errors) == 1 and "Traceback" not in gen.stderr and repaired and clean
+          and f"data/checkpoints/{KILL_RECORD}.pt is corrupted" in line)
+    return Row("checkpoint bytes flipped in place (bit rot)", f"dvc status clean: {clean}; generate exit "
+               f"{gen.returncode}: {line[:105]} … {advice.group(0) if advice else '(no advice)'}; that rerun "
+               f"restores the bytes: {repaired}", seconds, 0,
+               running(proj), ok=ok)
+
+
 FAULTS: dict[str, Callable[[Path, Path], Row]] = {
     "nan": nan,
     "kill9": kill9_resume,
@@ -361,6 +472,12 @@ FAULTS: dict[str, Callable[[Path, Path], Row]] = {
     "long-line": long_line,
     "mlflow-down": mlflow_down,
     "corrupt-checkpoint": corrupt_checkpoint,
+    "bit-rot": bit_rot,
+    "store-garbage": store_not_a_database,
+    "store-read-only": store_read_only,
+    "store-folder-read-only": store_folder_read_only,
+    "bom": byte_order_mark,
+    "cuda-without-gpu": cuda_without_gpu,
     "taken-port": taken_port,
     "queue": queue_two_workers,
 }

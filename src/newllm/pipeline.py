@@ -35,6 +35,19 @@ def load_params_or_exit(path: str = "params.yaml") -> Params:
         raise SystemExit(2) from None
 
 
+def check_device(params: Params) -> None:
+    """`device: cuda` needs a GPU that torch can see: refused in one line before a stage computes or opens an
+    MLflow run (validate says it first). torch is imported only then: on cpu/auto the check costs nothing."""
+    if params.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise PipelineError(f"params.yaml: device is cuda, but torch sees no CUDA device here ({why}); set device: "
+                            "auto (CUDA when present, else CPU) or cpu")
+
+
 def make_deterministic() -> None:
     """Same params and seed -> same metrics on CPU: without this, the parallel scatter-add of embedding
     gradients sums in thread order and Phase 1's weights differ in their last bits from run to run."""
@@ -82,6 +95,7 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
             raise PipelineError(f"dvc.yaml has no stage for {record!r} under these params (a baseline runs only "
                                 f"when params.yaml's baselines lists it: {', '.join(params.baselines)}; an lr "
                                 f"or a seed only when protocol lists it)")
+        check_device(params)
         if precheck is not None:
             precheck(params)
     except PipelineError as e:

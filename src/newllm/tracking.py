@@ -56,7 +56,7 @@ def metric_key(stage: str, key: str) -> str:
 
 
 class TrackingError(PipelineError):
-    """The tracking store cannot be used (unreachable server, bad URI)."""
+    """The tracking store cannot be used (unreachable server, damaged or read-only SQLite file, bad URI)."""
 
 
 # ----------------------------------------------------------------------------------------------- store
@@ -79,10 +79,17 @@ def tracking_uri(params: Params | None = None) -> str:
     return f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def check_reachable(uri: str, timeout: float = 3.0) -> None:
-    """Fail in seconds on a dead server (MLflow's own retries take minutes per call)."""
-    if not uri.startswith(("http://", "https://")):
-        return
+def check_store(uri: str, timeout: float = 3.0) -> None:
+    """Fail in one line, before any run opens, on a store MLflow could not write: a dead server (MLflow's own
+    retries take minutes per call), or a SQLite file that is not a database, is read-only, or sits in a
+    folder that cannot be written (SQLite writes its journal beside the file)."""
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri, timeout)
+    elif uri.startswith("sqlite:///"):
+        _check_sqlite(Path(uri.removeprefix("sqlite:///").split("?")[0]))
+
+
+def _check_server(uri: str, timeout: float) -> None:
     import urllib.error
     import urllib.request
 
@@ -93,6 +100,32 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise TrackingError(f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset "
                             "MLFLOW_TRACKING_URI / tracking.uri to use the local sqlite store") from None
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def _check_sqlite(path: Path) -> None:
+    elsewhere = "or point MLFLOW_TRACKING_URI at another store"
+    folder = path.parent
+    if not folder.is_dir():
+        raise TrackingError(f"MLflow store {path}: its folder {folder} does not exist; create it, {elsewhere}")
+    if path.exists():
+        try:
+            with path.open("rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as e:
+            raise TrackingError(f"MLflow store {path} cannot be read ({e.strerror}); fix its permissions, "
+                                f"{elsewhere}") from None
+        if head and head != SQLITE_HEADER:
+            raise TrackingError(f"MLflow store {path} is not an SQLite database (overwritten or damaged); move it "
+                                f"aside and run `newllm init-store` to start a new one, {elsewhere}")
+        if not os.access(path, os.W_OK):
+            raise TrackingError(f"MLflow store {path} is read-only; make it writable (chmod u+w, or chattr -i if "
+                                f"it is immutable), {elsewhere}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TrackingError(f"MLflow store {path}: its folder {folder} is not writable (SQLite writes its journal "
+                            f"beside the file); fix its permissions, {elsewhere}")
 
 
 def _client(uri: str):
@@ -108,7 +141,7 @@ def init_store(params: Params | None = None) -> tuple[Any, str]:
     """Create the store and the experiment once, under a file lock: parallel first writers
     (`dvc queue start -j 2`) on a fresh SQLite file were measured to corrupt it."""
     uri = tracking_uri(params)
-    check_reachable(uri)
+    check_store(uri)
     name = params.tracking.experiment if params else "newllm"
     with _store_lock(uri):
         client = _client(uri)

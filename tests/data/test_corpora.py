@@ -89,3 +89,33 @@ def test_very_long_lines_are_split_at_whitespace_while_streaming(tmp_path: Path,
     assert max(map(len, lines)) <= 10 and "short" in lines
     assert "".join(lines).replace(" ", "") == "w" * 40 + "short" + "x" * 25  # nothing lost or doubled
     assert "line(s) longer than 10 characters split at whitespace" in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_is_dropped_by_every_reader(tmp_path: Path, capsys):
+    """A Windows editor's file (UTF-8 BOM, CRLF lines), through each reader: no line starts with U+FEFF,
+    so the vocabulary has `the` once and no `\\ufeffthe`; the mark's offset still counts in error offsets."""
+    from newllm.data import tokenizers as tk
+    from newllm.data.corpora import check_files, read_lines
+
+    bom = b"\xef\xbb\xbf"
+    body = b"".join(b"the line %d\r\n" % i for i in range(20))
+    (tmp_path / "one.txt").write_bytes(bom + body)
+    folder = tmp_path / "wt2"
+    folder.mkdir()
+    for name in ("train.txt", "valid.txt", "test.txt"):
+        (folder / name).write_bytes(bom + body)
+    configs = {
+        "path": section("dataset", source="text", path=str(tmp_path / "one.txt"), val_fraction=0.2, test_fraction=0.1),
+        "files": section("dataset", source="text", train_path=str(tmp_path / "one.txt"),
+                         val_path=str(tmp_path / "one.txt"), test_path=str(tmp_path / "one.txt")),
+        "wikitext2": section("dataset", source="wikitext2", wikitext_dir=str(folder)),
+    }
+    for kind, cfg in configs.items():
+        check_files(cfg)
+        s = load_splits(cfg, seed=0)
+        assert s.train[0] == "the line 0" and not any("\ufeff" in x or "\r" in x for x in s.train + s.val), kind
+        vocab = tk.build_tokenizer(section("tokenizer", kind="word"), s.train).get_vocab()
+        assert "the" in vocab and not any("\ufeff" in t for t in vocab), (kind, sorted(vocab)[:5])
+        assert "byte-order mark (EF BB BF): dropped" in capsys.readouterr().err, kind
+    with pytest.raises(DataError, match=r"invalid UTF-8 at byte 7 "):  # the mark is bytes 0-2 of the file
+        read_lines(_text(tmp_path, bom + b"abcd\xff\n").path)

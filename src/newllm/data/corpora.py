@@ -68,14 +68,20 @@ def _cut(line: str) -> tuple[str, str]:
     return line[:at], line[at:]
 
 
-def _stream(path: str | os.PathLike, notice: bool) -> Iterator[str]:
-    """The stripped non-empty lines of a UTF-8 text file, read block by block (see read_lines)."""
+def _stream(path: str | os.PathLike, notice: bool, bom_notice: bool | None = None) -> Iterator[str]:
+    """The stripped non-empty lines of a UTF-8 text file, read block by block (see read_lines); `notice`
+    says which lines were split, `bom_notice` (default: the same) that a leading byte-order mark was dropped."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"file not found: {p}")
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     pending, offset, chars, controls, split = "", 0, 0, 0, 0
     with p.open("rb") as f:
+        if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8:  # utf-8-sig (Windows editors): a mark, not text
+            offset = len(codecs.BOM_UTF8)
+            if notice if bom_notice is None else bom_notice:
+                print(f"dataset: {p}: starts with a UTF-8 byte-order mark (EF BB BF): dropped", file=sys.stderr)
+        f.seek(offset)
         while True:
             block = f.read(BLOCK)
             nul = block.find(b"\0")
@@ -121,9 +127,9 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     return list(_stream(path, notice=True))
 
 
-def count_lines(path: str | os.PathLike, what: str) -> int:
+def count_lines(path: str | os.PathLike, what: str, bom_notice: bool = False) -> int:
     """read_lines' checks and its line count, holding no line (check_files); none is an error."""
-    n = sum(1 for _ in _stream(path, notice=False))
+    n = sum(1 for _ in _stream(path, notice=False, bom_notice=bom_notice))
     if not n:
         raise DataError(f"{what} {Path(path).expanduser()}: no non-empty lines")
     return n
@@ -180,7 +186,8 @@ def check_files(cfg: DatasetConfig) -> None:
                 count_lines(getattr(cfg, key), f"dataset.{key}")
     if cfg.source == "wikitext2" and cfg.wikitext_dir:
         for name in ("train.txt", "valid.txt", "test.txt"):
-            count_lines(Path(cfg.wikitext_dir).expanduser() / name, "dataset.wikitext_dir")
+            # the BOM's notice here: the datasets library reads these files later (utf-8-sig), and says nothing
+            count_lines(Path(cfg.wikitext_dir).expanduser() / name, "dataset.wikitext_dir", bom_notice=True)
 
 
 def load_splits(cfg: DatasetConfig, seed: int) -> Splits:
@@ -213,7 +220,9 @@ def load_splits(cfg: DatasetConfig, seed: int) -> Splits:
                 raise DataError(f"dataset.wikitext_dir: missing {', '.join(missing)}. {how_to}")
             import datasets
 
-            ds = datasets.load_dataset("text", data_files={k: str(v) for k, v in files.items()})
+            # utf-8-sig: a leading byte-order mark is dropped, as read_lines drops it (check_files says so)
+            ds = datasets.load_dataset("text", data_files={k: str(v) for k, v in files.items()},
+                                       encoding="utf-8-sig")
         else:
             ds = {s: _load_hf("Salesforce/wikitext", "wikitext-2-v1", s, how_to)
                   for s in ("train", "validation", "test")}
