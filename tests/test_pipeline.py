@@ -32,6 +32,29 @@ def _runs_by_stage(proj: Path) -> dict[str, list]:
     return out
 
 
+def _answers(proj: Path) -> dict[str, tuple[dict[str, float], list[str], int]]:
+    """Each DVC experiment's parent run: (its headline/ metrics, its root artifacts, its duration in ms)."""
+    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("newllm")
+    return {r.data.tags["dvc.exp_name"]: ({k.removeprefix("headline/"): v for k, v in r.data.metrics.items()
+                                           if k.startswith("headline/")},
+                                          sorted(a.path for a in client.list_artifacts(r.info.run_id)),
+                                          r.info.end_time - r.info.start_time)
+            for r in client.search_runs([exp.experiment_id], max_results=1000) if "dvc.stage" not in r.data.tags}
+
+
+def _check_answer(proj: Path, exp_name: str) -> None:
+    """The experiment's parent run carries its report's headline (every number of report.json), the report
+    and its loss-curve figure, and lasts as long as the experiment's stages did."""
+    from newllm.config import flatten
+
+    metrics, artifacts, duration = _answers(proj)[exp_name]
+    report = json.loads((proj / "reports/metrics/report.json").read_text())
+    want = {k: float(v) for k, v in flatten(report).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert metrics == pytest.approx(want) and "newllm_test_ppl" in metrics, sorted(set(want) ^ set(metrics))
+    assert artifacts == ["report.html", "val_loss_curves.png"] and duration > 1000, (artifacts, duration)
+
+
 MODELS = {"New-LLM": "phase2_train", "Transformer": "transformer", "LSTM": "lstm", "CVP": "cvp",
           "New-LLM, Phase 1 off": "phase1_off", "New-LLM, end-to-end": "end_to_end"}
 
@@ -152,6 +175,7 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
                    "report"} | _cells("sweep", [0.01]) | _cells("seeds", [1]), ran
     assert (project / "data/dataset/train.txt").is_file() and (project / "data/tokens/train.npy").is_file()
     _check_report(project)
+    _check_answer(project, "workspace")
     runs = _runs_by_stage(project)
     assert all(len(r) == 1 and r[0].info.status == "FINISHED" for r in runs.values()), runs
     replicate = runs["seeds/lstm/seed1"][0].data.params  # a cell logs its own seed and the lr it was given
@@ -211,6 +235,7 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     if find_chromium() is not None:
         dom = render_page(project / "plots_out" / "index.html", budget_ms=8000)
         assert "<canvas" in dom or 'class="marks"' in dom, dom[-1500:]  # vega drew the plots
+    _check_answer(project, "lr2")  # its own parent, its own answer (the workspace holds lr2's report now)
     md = (project / "reports/report.md").read_text()  # the workspace now holds lr2, and its report says so
     assert "DVC experiment `lr2`; params changed against commit `" in md
     assert "`protocol.lrs=[0.01, 0.03]` (committed: [0.01])" in md

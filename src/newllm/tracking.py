@@ -34,6 +34,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens a model-tra
 PID_TAG, HOST_TAG, END_REASON_TAG = "newllm.pid", "newllm.host", "newllm.end_reason"
 PARENT_TAG, CHANGED_TAG = "newllm.parent_key", "newllm.changed"  # a DVC experiment's parent run; what it changed
 STUDY_TAG = "newllm.study"
+HEADLINE = "headline"  # the section of a parent run's metrics: the report's headline (report.json), its answer
 PARENT_ID_TAG = "mlflow.parentRunId"  # MLflow's own nesting: the UI folds a stage's run under its parent
 # Final values that are measurements of speed, not results: written to the stage's timing file (dvc.yaml)
 # instead of its metrics file, so `dvc exp show --only-changed` and `dvc metrics diff` show results only.
@@ -363,6 +364,7 @@ class StageRun:
     run_id: str
     resume_file: ResumeFile
     changed: str = "baseline"  # what this DVC experiment changed (ablation_label): its parent run's name
+    parent_id: str | None = None  # that parent run: the experiment's
     resumed: dict[str, Any] | None = None  # the trainer's state saved by a killed run of this stage, if any
     curve: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] | None = None
@@ -418,6 +420,21 @@ class StageRun:
                                tags=[InputTag("mlflow.data.context", split)])
                   for split in ("train", "val", "test")]
         self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def answer_on_parent(self, metrics: dict[str, Any], files: list[Path]) -> None:
+        """The experiment's answer on its parent run (the report stage's): every numeric value as
+        `headline/<key>`, `files` at its artifact root (Compare lists the root files two runs share), and its
+        end time now, so its duration is the experiment's (it started with the experiment's first stage)."""
+        from mlflow.entities import Metric
+
+        if self.parent_id is None:
+            return
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.parent_id, metrics=[Metric(f"{HEADLINE}/{k}", v, ts, 0)
+                                                       for k, v in _numeric(metrics).items()])
+        for f in files:
+            self.client.log_artifact(self.parent_id, str(f))
+        self.client.set_terminated(self.parent_id, "FINISHED", end_time=ts)
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -477,7 +494,7 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
         run_id = saved["run_id"]
     else:
         run_id = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id
-    tracked = StageRun(stage, declared, client, run_id, resume_file, changed=label,
+    tracked = StageRun(stage, declared, client, run_id, resume_file, changed=label, parent_id=parent_id,
                        resumed=saved and saved["trainer"], curve=list(saved["curve"]) if saved else [])
     print(f"{stage}: MLflow run {run_id} ({run_url(params, exp_id, run_id)})", flush=True)
     if saved:
@@ -562,7 +579,7 @@ class RankRun:
         return None
 
     save_resume = log_step = log_live = log_figure = log_params = log_tags = log_dataset = log_artifact = \
-        finish = _nothing
+        answer_on_parent = finish = _nothing
 
 
 @contextlib.contextmanager
