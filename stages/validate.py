@@ -5,16 +5,18 @@ anywhere, an unregistered model in `baselines`, a dataset file or folder that is
 MLflow run. Its output never changes, so it reruns nothing downstream."""
 
 import sys
-from pathlib import Path
 
+from newllm import progress
+from newllm.config import stages
 from newllm.errors import PipelineError
 from newllm.pipeline import check_device, load_params_or_exit
 
-OUT = Path("data/params_ok")
+OUT = progress.PARAMS_OK
 
 if __name__ == "__main__":
     OUT.unlink(missing_ok=True)  # only a run that passes leaves it
     params = load_params_or_exit()
+    tick = progress.begin(stages(params), "validate")  # `[stage 1/M]`: a repro whose params changed starts here
     try:
         check_device(params)  # `device: cuda` on a machine without one
     except PipelineError as e:
@@ -22,3 +24,5 @@ if __name__ == "__main__":
         raise SystemExit(2) from None
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("params.yaml is valid\n")  # the same bytes every time: downstream stays cached
+    if tick is not None:
+        tick.finish()

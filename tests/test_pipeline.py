@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -53,6 +54,18 @@ def _check_answer(proj: Path, exp_name: str) -> None:
     want = {k: float(v) for k, v in flatten(report).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert metrics == pytest.approx(want) and "newllm_test_ppl" in metrics, sorted(set(want) ^ set(metrics))
     assert artifacts == ["report.html", "val_loss_curves.png"] and duration > 1000, (artifacts, duration)
+
+
+def _check_progress(log: str, n_ran: int) -> None:
+    """Every stage that ran printed `[stage N/M]`, N counting up to M = the stages that ran (M may start
+    higher, while a rerun stage's output may still turn out unchanged, and only falls); the experiment's
+    parent run is named, with its UI address, once."""
+    lines = re.findall(r"^\[stage (\d+)/(\d+)\] (\S+): (\d+:\d\d) elapsed", log, re.M)
+    assert [int(n) for n, *_ in lines] == list(range(1, n_ran + 1)), log[-3000:]
+    totals = [int(m) for _, m, *_ in lines]
+    assert totals[-1] == n_ran and totals == sorted(totals, reverse=True), totals
+    assert len(re.findall(r"^View this experiment's run '.+ @ [0-9a-f]{7}' at: http://127\.0\.0\.1:5000/#/experiments/"
+                          r"\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning", log, re.M)) == 1, log[-3000:]
 
 
 MODELS = {"New-LLM": "phase2_train", "Transformer": "transformer", "LSTM": "lstm", "CVP": "cvp",
@@ -173,6 +186,7 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     ran = ran_stages(first.stdout)
     assert ran == CHECK | {"generate_dataset", "tokenize", "phase1_cvfp", "phase1_seeds@1", "param_budget", "pick_lr",
                    "report"} | _cells("sweep", [0.01]) | _cells("seeds", [1]), ran
+    _check_progress(first.stdout, len(ran))
     assert (project / "data/dataset/train.txt").is_file() and (project / "data/tokens/train.npy").is_file()
     _check_report(project)
     _check_answer(project, "workspace")
@@ -208,6 +222,7 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
     family = {"phase2_train": "phase2_seeds@1", "phase1_off": "phase1_off_seeds@1", "end_to_end": "end_to_end_seeds@1"}
     expected = CHECK | _cells("sweep", [0.03]) | {"pick_lr", "report"} | {family.get(r, f"baseline_seeds@{r}-1") for r in moved}
     assert ran_stages(lrs.stdout) == expected, (lrs.stdout[-3000:], moved)
+    _check_progress(lrs.stdout, len(expected))
 
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
     assert "lr2" in shown
@@ -236,6 +251,11 @@ def test_repro_then_ablations_rerun_only_what_they_change(project: Path):
         dom = render_page(project / "plots_out" / "index.html", budget_ms=8000)
         assert "<canvas" in dom or 'class="marks"' in dom, dom[-1500:]  # vega drew the plots
     _check_answer(project, "lr2")  # its own parent, its own answer (the workspace holds lr2's report now)
+    # the runs link (`make ui`) opens the answer's view: the parents, best test PPL first, the changed param shown
+    tags = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_experiment_by_name("newllm").tags
+    view = json.loads(tags["mlflow.sharedViewState.answer"])
+    assert view["orderByKey"] == "metrics.`headline/newllm_test_ppl`" and view["orderByAsc"] is True
+    assert view["selectedColumns"][:2] == ["params.`protocol.lrs`", "metrics.`headline/newllm_test_ppl`"], view
     md = (project / "reports/report.md").read_text()  # the workspace now holds lr2, and its report says so
     assert "DVC experiment `lr2`; params changed against commit `" in md
     assert "`protocol.lrs=[0.01, 0.03]` (committed: [0.01])" in md

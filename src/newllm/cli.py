@@ -59,14 +59,16 @@ def _ui(args: argparse.Namespace) -> int:
 
     params = load_params_or_exit(args.params)
     _check_port_free(args.port)
-    _, exp_id = tracking.init_store(params)
+    client, exp_id = tracking.init_store(params)
     uri = tracking.tracking_uri(params)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
     stage = curves_stage(params)
-    links = tracking.ui_links(f"http://127.0.0.1:{args.port}", exp_id, stage)
+    answer = tracking.has_answer_view(client, exp_id)
+    links = tracking.ui_links(f"http://127.0.0.1:{args.port}", exp_id, stage, answer)
     print(f"MLflow UI over {uri}; Ctrl-C to stop\n  runs:   {links['runs']}\n"
-          f"  curves: {links['curves']}\n          ({stage} of every experiment, best val loss first)",
+          + ("          (one row per experiment, best New-LLM test PPL first)\n" if answer else "")
+          + f"  curves: {links['curves']}\n          ({stage} of every experiment, best val loss first)",
           flush=True)
     # No background job workers: the UI alone is what a laptop needs (MLflow 3 starts several otherwise).
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -83,7 +85,7 @@ def _screenshots(args: argparse.Namespace) -> int:
     from newllm.report.browser import check_mlflow_pages, mlflow_pages, render_page
 
     params = load_params_or_exit(args.params)
-    _, exp_id = tracking.init_store(params)
+    client, exp_id = tracking.init_store(params)
     uri, out = tracking.tracking_uri(params), Path(args.out)
     with contextlib.ExitStack() as stack:
         if uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
@@ -91,7 +93,8 @@ def _screenshots(args: argparse.Namespace) -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="newllm-ui-")))
             base = stack.enter_context(tracking.local_server(uri, work))
-        doms = mlflow_pages(tracking.ui_links(base, exp_id, curves_stage(params)), out)
+        doms = mlflow_pages(tracking.ui_links(base, exp_id, curves_stage(params),
+                                              tracking.has_answer_view(client, exp_id)), out)
     metric, legend = check_mlflow_pages(doms)  # the pages are what README says, or a one-line error
     print(f"curves page: first chart {metric}, one line per run: {'; '.join(legend)}")
     if Path("reports/report.html").is_file():
@@ -106,7 +109,7 @@ def _compare(args: argparse.Namespace) -> int:
     from newllm.report import ablations
 
     params = load_params_or_exit(args.params)
-    groups, md, figure = ablations.compare(params, Path(args.out))
+    groups, md, figure = ablations.compare(params, Path(args.out), every_model=args.every_model)
     print(ablations.markdown_table(groups), end="")
     print(f"wrote {md} and {figure}")
     return 0
@@ -226,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                    ).set_defaults(fn=_plots_template)
     compare = sub.add_parser("compare", help="ablation table + figure over the MLflow runs of the training stages")
     compare.add_argument("--out", default="reports", help="output folder: <out>/ablations.md, <out>/figures/ablations.png")
+    compare.add_argument("--every-model", action="store_true",
+                         help="one figure panel per model (default: New-LLM's alone; the table lists every model)")
     compare.set_defaults(fn=_compare)
     gen = sub.add_parser("generate", help="stream text from a trained model (unset flags: params report.*)")
     gen.add_argument("--model", choices=list(MODELS), default="newllm")

@@ -85,8 +85,10 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
     checks the params against the stage's input files (sizes) before any MLflow run opens."""
     params = load_params_or_exit()
     if _warm_eligible(data_parallel and params.distributed.nproc > 1):
-        from newllm import warm
+        from newllm import progress, warm
 
+        if (repro := progress.repro_key()) is not None:  # the warm child's parent is not DVC: tell it which is
+            os.environ[progress.REPRO_ENV] = repro
         warm.delegate()  # runs this script in a warm process and exits; returns when none answers
     try:
         record = stage if isinstance(stage, str) else stage(params)
@@ -102,7 +104,10 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     outs = list(declared[record].outs)
-    from newllm import distributed, tracking  # MLflow and torch: only once the params are known to be good
+    from newllm import distributed, progress, tracking  # MLflow and torch: only once the params are good
+
+    # `[stage N/M]`, once per stage: not again in the processes torchrun starts for it
+    tick = progress.begin(declared, record) if "LOCAL_RANK" not in os.environ else None
 
     if data_parallel and params.distributed.nproc > 1 and not distributed.launched():
         if params.eval_batch_size < params.distributed.nproc:  # every rank scores at least one row
@@ -124,8 +129,14 @@ def run_stage(stage: str | Callable[[Params], str], body: Callable[[Params, Any]
     if not main:  # under DDP the outputs are rank 0's: another rank never removes them
         outs = []
     try:
-        with (tracking.stage_run if main else tracking.rank_run)(record, params) as run:
-            body(params, run)
+        if main:
+            with tracking.stage_run(record, params, name_parent=tick is not None and tick.claim_parent()) as run:
+                body(params, run)
+        else:
+            with tracking.rank_run(record, params) as run:
+                body(params, run)
+        if tick is not None:
+            tick.finish()
     except PipelineError as e:
         _remove(outs)
         print(f"error: {record}: {e}", file=sys.stderr)

@@ -36,6 +36,8 @@ PARENT_TAG, CHANGED_TAG = "newllm.parent_key", "newllm.changed"  # a DVC experim
 STUDY_TAG = "newllm.study"
 HEADLINE = "headline"  # the section of a parent run's metrics: the report's headline (report.json), its answer
 PARENT_ID_TAG = "mlflow.parentRunId"  # MLflow's own nesting: the UI folds a stage's run under its parent
+# The UI's "Share" view: an experiment tag holding a runs-table state, opened by `?viewStateShareKey=<key>`.
+SHARED_VIEW_TAG, ANSWER_VIEW = "mlflow.sharedViewState.", "answer"
 # Final values that are measurements of speed, not results: written to the stage's timing file (dvc.yaml)
 # instead of its metrics file, so `dvc exp show --only-changed` and `dvc metrics diff` show results only.
 TIMING_KEYS = ("tokens_per_s", "train_wall_time_s", "context_cache_s", "wall_time_s", "peak_gpu_bytes")
@@ -162,6 +164,17 @@ def run_url(params: Params, exp_id: str, run_id: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
     return f"{uri}; `make ui` shows it"
+
+
+def ui_run_url(params: Params, exp_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, in its model-training view: on the tracking server, else on the one
+    `make ui` serves over the local store (its default port)."""
+    uri = tracking_uri(params)
+    base, later = (uri.rstrip("/"), "") if uri.startswith(("http://", "https://")) else (
+        "http://127.0.0.1:5000", " (once `make ui` serves this store)")
+    from urllib.parse import urlencode
+
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}?{urlencode(ML_MODE)}{later}"
 
 
 # ----------------------------------------------------------------------------------------------- tags
@@ -435,6 +448,11 @@ class StageRun:
         for f in files:
             self.client.log_artifact(self.parent_id, str(f))
         self.client.set_terminated(self.parent_id, "FINISHED", end_time=ts)
+        exp_id = self.client.get_run(self.parent_id).info.experiment_id
+        parents = self.client.search_runs([exp_id], filter_string=PARENTS_FILTER, max_results=1000)
+        changed = sorted({k for run in parents for k in run.data.params})
+        self.client.set_experiment_tag(exp_id, SHARED_VIEW_TAG + ANSWER_VIEW,
+                                       json.dumps(answer_view(changed, list(_numeric(metrics)))))
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -479,9 +497,10 @@ def _resume_file(stage: str, params: Params, declared: Any) -> ResumeFile:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
+def stage_run(stage: str, params: Params, name_parent: bool = False) -> Iterator[StageRun]:
     """The stage's MLflow run around its body: a resume continues the killed run's (same id, curve
-    continued); divergence (`Diverged`) discards the resume file, any other failure keeps it."""
+    continued); divergence (`Diverged`) discards the resume file, any other failure keeps it.
+    `name_parent`: print the experiment's parent run, name and UI address (the repro's first run does)."""
     declared = stages(params)[stage]
     resume_file = _resume_file(stage, params, declared)
     saved = resume_file.load()
@@ -489,6 +508,9 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     for run_id in end_orphans(client, exp_id, stage, keep=saved and saved["run_id"]):
         print(f"{stage}: ended MLflow run {run_id} KILLED (its process is gone)", file=sys.stderr)
     parent_id, label = experiment_parent(client, exp_id, params)
+    if name_parent:
+        print(f"View this experiment's run '{client.get_run(parent_id).info.run_name}' at: "
+              f"{ui_run_url(params, exp_id, parent_id)}", flush=True)
     tags = nested_tags(params, stage, parent_id, label)
     if saved and _reattach(client, exp_id, saved["run_id"], tags):
         run_id = saved["run_id"]
@@ -625,12 +647,14 @@ def _final_metrics(metrics: dict[str, Any]) -> list[Any]:
 
 def log_compare(params: Params, table: Any, markdown: Path, figure: Path) -> str:
     """`newllm compare`'s table (MLflow's log_table, so the UI's evaluation view can read it) and figure, in
-    a run of their own named `compare:<exp>` under the experiment's parent. Returns its id."""
+    a top-level run of their own named `compare @ <commit>`: it reads every experiment, so it is nested under
+    none. Returns its id."""
     client, exp_id = init_store(params)
-    parent_id, label = experiment_parent(client, exp_id, params)
-    run_id = client.create_run(exp_id, run_name=f"compare:{dvc_exp_name()}", tags={
-        "dvc.stage": "compare", "dvc.exp_name": dvc_exp_name(), PARENT_ID_TAG: parent_id, CHANGED_TAG: label,
-        "mlflow.source.git.commit": git_commit()}).info.run_id
+    commit = git_commit()
+    run_id = client.create_run(exp_id, run_name=f"compare @ {commit[:7]}" if commit else "compare", tags={
+        "dvc.stage": "compare", "mlflow.source.git.commit": commit,
+        "mlflow.note.content": "`newllm compare`: every experiment's result cells, ranked by test PPL per model."
+        }).info.run_id
     status = "FAILED"
     try:
         client.log_table(run_id, data=table, artifact_file="ablations.json")
@@ -710,19 +734,41 @@ def sync(params: Params, records: list[str] | None = None) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- UI
 ML_MODE = {"workflowType": "machine_learning"}  # MLflow 3's "Model training" pages, not its GenAI home
+PARENTS_FILTER = f"tags.`{PARENT_TAG}` LIKE '%'"  # the experiments' parent runs only: one row per experiment
+ANSWER_SORT = "newllm_test_ppl"  # the report's headline: the runs table ranks the experiments by it
 
 
-def ui_links(base: str, exp_id: str, curves_stage: str) -> dict[str, str]:
-    """The MLflow UI pages `make ui` prints: the runs table (one parent per DVC experiment) and `curves`,
-    the chart view of one stage's run in every experiment, best val loss first. Any sort but by time lists
-    nested runs flat (MLflow nests children only when sorted by start time), so its charts draw one line per
-    experiment with no parent to expand."""
+def answer_view(changed: list[str], headline: list[str]) -> dict[str, Any]:
+    """The runs table that answers an ablation, as MLflow's UI stores a shared view: the parent runs only,
+    best New-LLM test PPL first, the changed params and the headline's test PPLs (every model's, New-LLM's
+    spread, its ratio to the Transformer) as its columns. Keys as the UI spells columns: params.`k`."""
+    wanted = [k for k in headline if k.endswith("_test_ppl")]
+    wanted = ([ANSWER_SORT, f"{ANSWER_SORT}_std", "test_ppl_ratio_vs_transformer"]
+              + [k for k in wanted if k != ANSWER_SORT])
+    names = {f"params.`{k}`": k for k in changed} | {f"metrics.`{HEADLINE}/{k}`": f"{HEADLINE}/{k}"
+                                                      for k in wanted if k in headline}
+    return {"searchFilter": PARENTS_FILTER, "orderByKey": f"metrics.`{HEADLINE}/{ANSWER_SORT}`", "orderByAsc": True,
+            "selectedColumns": list(names), "columnOrder": list(names),
+            "columnWidths": {c: 7 * len(n) + 40 for c, n in names.items()}}  # the whole name shows: none clipped
+
+
+def has_answer_view(client: Any, exp_id: str) -> bool:
+    """Whether a report stage has saved the answer's view in this experiment (the runs link then opens it)."""
+    return SHARED_VIEW_TAG + ANSWER_VIEW in client.get_experiment(exp_id).tags
+
+
+def ui_links(base: str, exp_id: str, curves_stage: str, answer: bool = False) -> dict[str, str]:
+    """The MLflow UI pages `make ui` prints: the runs table (one parent per DVC experiment; with `answer`,
+    the view the report saved, answer_view) and `curves`, the chart view of one stage's run in every
+    experiment, best val loss first. Any sort but by time lists nested runs flat (MLflow nests children only
+    when sorted by start time), so its charts draw one line per experiment with no parent to expand."""
     from urllib.parse import quote, urlencode
 
     page = f"{base.rstrip('/')}/#/experiments/{exp_id}/runs"
+    runs = {**ML_MODE, "viewStateShareKey": ANSWER_VIEW} if answer else ML_MODE
     curves = {**ML_MODE, "compareRunsMode": "CHART", "searchFilter": f"tags.`dvc.stage` = '{curves_stage}'",
               "orderByKey": f"metrics.`{SUMMARY}val_loss`", "orderByAsc": "true"}
-    return {"runs": f"{page}?{urlencode(ML_MODE)}", "curves": f"{page}?{urlencode(curves, quote_via=quote)}"}
+    return {"runs": f"{page}?{urlencode(runs)}", "curves": f"{page}?{urlencode(curves, quote_via=quote)}"}
 
 
 # The address the server logs once bound: uvicorn (MLflow's default) or gunicorn (--gunicorn-opts).

@@ -16,12 +16,15 @@ from newllm.report.ablations import BASELINE_LABEL, differing_params, group_abla
 
 
 def _run(stage: str, ppl: float, t: int, status: str = "FINISHED", exp: str = "e", phash: str | None = None,
-         **params) -> dict:
+         test: float | None = None, **params) -> dict:
+    """A run as load_runs reads it: val PPL `ppl`, test PPL `test` (default: the same)."""
     params = {"seed": 0, "device": "auto", "context_dim": 256, **params}
+    test = ppl if test is None else test
     return {"run_id": f"r{t}", "run_name": f"{stage}:{exp}", "status": status, "start_time": t, "stage": stage,
             "exp_name": exp, "params_hash": phash or f"{stage}-{sorted(params.items())}",
             **{f"params.{k}": str(v) for k, v in params.items()},
             "metrics.final.val_ppl": ppl, "metrics.final.val_loss": math.log(ppl),
+            "metrics.final.test_ppl": test, "metrics.final.test_loss": math.log(test),
             "metrics.final.params_total": 1000 + int(params["context_dim"])}
 
 
@@ -59,8 +62,10 @@ def test_groups_seeds_into_mean_and_std_per_ablation(runs):
     assert list(g["params_total"]) == [1032, 1016, 1256]
     assert "r0" not in g.loc[1, "run_ids"]  # the older re-run lost to the newest
     table = markdown_table(g)
-    assert "val PPL (lower is better)" in table and table.count("(best)") == 1
-    assert "| New-LLM | context_dim=32 | 3 (seed 0, 1, 2) | **8.17 ± 1.26** (best) |" in table
+    assert "test PPL (ranked by)" in table and "val PPL (selection criterion)" in table
+    assert "| New-LLM | context_dim=32 | 3 (seed 0, 1, 2) | **8.17 ± 1.26** | best | 8.17 ± 1.26 |" in table
+    # 10.0 - 8.17 = 1.83 against 2 SE = 2 sqrt(1.0²/3 + 1.26²/3) = 1.86: inside, these seeds cannot tell them apart
+    assert "| New-LLM | context_dim=16 | 3 (seed 0, 1, 2) | 10.00 ± 1.00 | +1.83, inside 2 SE (SE 0.93) |" in table
 
 
 def test_differing_params_excludes_seed_and_params_some_runs_never_logged(runs):
@@ -83,12 +88,68 @@ def test_single_run_has_no_std_and_sorts_best_first_then_numerically():
     df = pd.DataFrame([_run("cvp", 5.0, 1, context_dim=128), _run("cvp", 6.0, 2, context_dim=1024),
                        _run("cvp", 7.0, 3, context_dim=256)])
     g = group_ablations(df)
-    assert list(g["ablation"]) == ["context_dim=128", "context_dim=1024", "context_dim=256"]  # by val PPL
-    tied = group_ablations(df.assign(**{"metrics.final.val_ppl": 5.0}))
+    assert list(g["ablation"]) == ["context_dim=128", "context_dim=1024", "context_dim=256"]  # by test PPL
+    tied = group_ablations(df.assign(**{"metrics.final.test_ppl": 5.0}))
     assert list(tied["ablation"]) == ["context_dim=128", "context_dim=256", "context_dim=1024"]  # ties: by value
     assert g["val_ppl_std"].isna().all() and list(g["n_seeds"]) == [1, 1, 1]
     table = ablations.markdown_table(g)
-    assert "| CVP | context_dim=128 | 1 (seed 0) | **5.00** (best) | 1.6094 | 1,128 |" in table
+    assert "| CVP | context_dim=128 | 1 (seed 0) | **5.00** | best | 5.00 | 1,128 |" in table
+    assert "| CVP | context_dim=256 | 1 (seed 0) | 7.00 | +2.00 (one seed: no spread to judge by) |" in table
+
+
+def test_ranks_on_test_not_val_and_says_when_a_gap_exceeds_twice_its_standard_error():
+    rows, t = [], 0
+    # context_dim 512 is best on val but worse on test; 128 is best on test; 64 is far worse, beyond its spread
+    for ctx, val, test in ((512, [7.0, 7.1, 7.2], [7.8, 7.9, 8.0]), (128, [7.3, 7.4, 7.5], [7.7, 7.8, 7.9]),
+                           (64, [9.0, 9.1, 9.2], [9.9, 10.0, 10.1])):
+        for seed, (v, te) in enumerate(zip(val, test, strict=True)):
+            t += 1
+            rows.append(_run("phase2_train", v, t, exp=f"c{ctx}", test=te, context_dim=ctx, seed=seed))
+    g = group_ablations(pd.DataFrame(rows))
+    assert list(g["ablation"]) == ["context_dim=128", "context_dim=512", "context_dim=64"]
+    assert list(g["best"]) == [True, False, False]
+    se = math.sqrt(2 * 0.1 ** 2 / 3)  # both groups: std 0.1 over 3 seeds
+    assert g.loc[1, "vs_best"] == f"+0.10, inside 2 SE (SE {se:.2f})"  # 0.1 <= 2 x 0.082
+    assert g.loc[2, "vs_best"] == f"+2.20, beyond 2 SE (SE {se:.2f})"
+
+
+def test_a_sweep_counts_only_its_cell_at_the_chosen_lr():
+    rows = [  # experiment e: a sweep on seed 0, replicates at the lr it chose (0.003); f: a sweep alone
+        _run("sweep/lstm/lr0.001", 9.0, 1, exp="e", lr=0.001), _run("sweep/lstm/lr0.003", 7.0, 2, exp="e", lr=0.003),
+        _run("sweep/lstm/lr0.01", 30.0, 3, exp="e", lr=0.01),
+        _run("seeds/lstm/seed1", 7.5, 4, exp="e", lr=0.003, seed=1), _run("seeds/lstm/seed2", 7.2, 5, exp="e", lr=0.003, seed=2),
+        _run("sweep/lstm/lr0.001", 8.0, 6, exp="f", lr=0.001, context_dim=128),
+        _run("sweep/lstm/lr0.003", 6.5, 7, exp="f", lr=0.003, context_dim=128),  # lowest val loss: pick_lr's choice
+    ]
+    kept = ablations.select_runs(pd.DataFrame(rows))
+    assert sorted(kept["run_id"]) == ["r2", "r4", "r5", "r7"], kept["stage"]
+    g = group_ablations(pd.DataFrame(rows))
+    assert list(g["ablation"]) == ["context_dim=128", "context_dim=256"] and list(g["n_seeds"]) == [1, 3]
+
+
+def test_an_experiment_that_reused_its_baselines_replicates_adds_none_of_its_sweep_cells():
+    """`dvc exp run -S protocol.lrs=[0.01,0.03]`: the Transformer's new cell at 0.03 lost, so its replicates
+    (at 0.01) were reused from the baseline's runs, not rerun; the report of each experiment names its lr."""
+    def parent(run_id: str, lr: float) -> dict:
+        return {"run_id": run_id, "status": "FINISHED", "start_time": 0, "stage": None,
+                "metrics.headline/transformer_lr": lr}
+
+    def cell(stage: str, ppl: float, t: int, parent_id: str, **params) -> dict:
+        return {**_run(stage, ppl, t, exp=parent_id, **params), "parent_id": parent_id}
+
+    rows = [parent("base", 0.01), parent("lrs2", 0.01),
+            cell("sweep/transformer/lr0.01", 7.0, 1, "base", lr=0.01),
+            cell("seeds/transformer/seed1", 7.4, 2, "base", lr=0.01, seed=1),
+            cell("sweep/transformer/lr0.03", 9.0, 3, "lrs2", lr=0.03)]  # the only cell lrs2 ran for it
+    kept = ablations.select_runs(pd.DataFrame(rows))
+    assert sorted(kept["run_id"]) == ["r1", "r2"]
+    g = group_ablations(pd.DataFrame(rows))
+    assert list(g["ablation"]) == [BASELINE_LABEL] and g.loc[0, "test_ppl_mean"] == pytest.approx(7.2)
+
+
+def test_a_panel_spans_its_own_values_only():
+    low, high = ablations.y_limits(pd.DataFrame({"test_ppl_mean": [7.8, 7.7], "test_ppl_std": [0.1, 0.2]}))
+    assert 7.2 < low < 7.5 and 7.9 < high < 8.1  # 7.5..7.9 padded by 15 %, nowhere near another model's 28
 
 
 def test_empty_frame_gives_no_groups():
@@ -105,7 +166,8 @@ def _stage(stage: str, params: Params, exp: str, val_ppl: float, monkeypatch) ->
     with tracking.stage_run(stage, params) as run:
         for step, loss in enumerate((4.0, math.log(val_ppl))):
             run.log_step({"val_loss": loss}, step=step)
-        run.finish({"val_ppl": val_ppl, "val_loss": math.log(val_ppl), "params_total": 10 * params.context_dim})
+        run.finish({"val_ppl": val_ppl, "val_loss": math.log(val_ppl), "test_ppl": val_ppl + 0.5,
+                    "test_loss": math.log(val_ppl + 0.5), "params_total": 10 * params.context_dim})
 
 
 def test_compare_through_a_sqlite_store_and_the_cli(tmp_path: Path, monkeypatch, capsys):
@@ -144,14 +206,15 @@ def test_compare_through_a_sqlite_store_and_the_cli(tmp_path: Path, monkeypatch,
     write_params(params_file, tracking={"uri": uri, "experiment": "t"})
     assert cli.main(["--params", str(params_file), "compare", "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "ablations.md").read_text()
-    assert "| New-LLM | context_dim=16 | 2 (seed 0, 1) | 10.50 ± 0.71 |" in md
-    assert "| New-LLM | context_dim=32 | 2 (seed 0, 1) | **7.50 ± 0.71** (best) |" in md
-    assert "![val PPL per ablation](figures/ablations.png)" in md
+    assert "| New-LLM | context_dim=16 | 2 (seed 0, 1) | 11.00 ± 0.71 | +3.00, beyond 2 SE (SE 0.71) | 10.50 ± 0.71 |" in md
+    assert "| New-LLM | context_dim=32 | 2 (seed 0, 1) | **8.00 ± 0.71** | best | 7.50 ± 0.71 |" in md
+    assert "![test PPL per ablation](figures/ablations.png)" in md
     assert (tmp_path / "out" / "figures" / "ablations.png").read_bytes()[:4] == b"\x89PNG"
     assert "context_dim=32" in capsys.readouterr().out
     # the table and figure are also in MLflow, in a run of their own
     (compare_run,) = client.search_runs([exp_id], "tags.`dvc.stage` = 'compare'")
     assert compare_run.info.status == "FINISHED"
+    assert tracking.PARENT_ID_TAG not in compare_run.data.tags  # it reads every experiment: nested under none
     logged = {a.path for a in client.list_artifacts(compare_run.info.run_id)}
     assert {"ablations.json", "ablations.md", "figures"} <= logged
 

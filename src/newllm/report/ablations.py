@@ -1,11 +1,14 @@
 """`newllm compare`: the ablation table and figure over the MLflow runs of the training stages.
 
 Every `dvc exp run -S key=value` leaves one MLflow run per stage that reran (named `<stage>:<exp>`, params
-logged flat, final metrics as `summary/<key>`, `final.<key>` in runs logged before). This module reads those runs back, keeps the FINISHED runs
-of the training stages (the newest per stage, params hash and experiment: re-runs and `newllm sync`
-replays count once), finds per model the params that differ across its runs (`seed` excluded: seeds are
-replicates) and reports val PPL / val loss mean ± std over the seeds of each ablation:
-`reports/ablations.md` and `reports/figures/ablations.png`.
+logged flat, final metrics as `summary/<key>`, `final.<key>` in runs logged before). This module reads those
+runs back and keeps, as the report does, each model's result cells: its replicate seeds and its sweep cell
+at the lr they were trained with (the lr its experiment picked on val; the other sweep cells only chose it).
+It groups them per model by the params that differ across that model's runs (`seed` excluded: seeds are
+replicates) and ranks the groups by test PPL, the report's headline, mean ± std over seeds, val beside it
+(the selection criterion); a group whose gap to the best is inside twice the standard error of that
+difference is marked as not distinguishable from it. `reports/ablations.md` and
+`reports/figures/ablations.png` (both git-ignored: they describe a store, not a commit).
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ REPLICATE_PARAMS = ("seed",)  # differ across runs without making an ablation
 # A protocol cell's own param: runs that differ in it are never pooled as seeds, even against runs from
 # before the sweep that did not log it (grouped as "(unset)").
 CELL_PARAMS = ("lr",)
-METRICS = ("val_ppl", "val_loss", "params_total")  # read from `summary/<key>` (older runs: `final.<key>`)
+SCORES = ("test_ppl", "test_loss", "val_ppl", "val_loss")  # read from `summary/<key>` (older runs: `final.<key>`)
+RANK_BY = "test_ppl"  # the report's headline; val chose the lr, and so is shown as the selection criterion
+SE_FACTOR = 2.0  # a gap to the best inside this many standard errors of the difference is not a difference
 BASELINE_LABEL = "(none: all runs share params)"
 UNSET = "(unset)"
 MD_NAME, FIGURE_NAME = "ablations.md", "figures/ablations.png"
@@ -49,7 +54,8 @@ class CompareError(PipelineError):
 # ----------------------------------------------------------------------------------------------- read
 def load_runs(client: Any, experiment_id: str) -> pd.DataFrame:
     """All FINISHED runs of the experiment, one row each: run_id, run_name, status, start_time (ms),
-    stage, exp_name, params_hash, then `params.<dotted key>` (strings) and `metrics.<key>` (latest values).
+    stage, exp_name, parent_id (its DVC experiment's parent run), params_hash, then `params.<dotted key>`
+    (strings) and `metrics.<key>` (latest values; a parent's are its report's `headline/<key>`).
 
     tracking.py is the module that writes MLflow; this is the project's one read outside it, kept here
     behind this single function so the grouping below never sees an MLflow object.
@@ -68,6 +74,7 @@ def load_runs(client: Any, experiment_id: str) -> pd.DataFrame:
                 "start_time": run.info.start_time,
                 "stage": tags.get("dvc.stage"),
                 "exp_name": tags.get("dvc.exp_name"),
+                "parent_id": tags.get("mlflow.parentRunId"),
                 "params_hash": tags.get("params_hash"),
                 **{f"params.{k}": v for k, v in run.data.params.items()},
                 **{f"metrics.{k}": v for k, v in run.data.metrics.items()},
@@ -75,13 +82,14 @@ def load_runs(client: Any, experiment_id: str) -> pd.DataFrame:
         token = page.token
         if not token:
             break
-    base = ["run_id", "run_name", "status", "start_time", "stage", "exp_name", "params_hash"]
+    base = ["run_id", "run_name", "status", "start_time", "stage", "exp_name", "parent_id", "params_hash"]
     return pd.DataFrame(rows, columns=base + sorted({k for r in rows for k in r} - set(base)))
 
 
 # ----------------------------------------------------------------------------------------------- group
 def select_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """FINISHED runs of the training stages, the newest per (stage, params_hash, exp_name)."""
+    """FINISHED runs of the training stages, the newest per (stage, params_hash, exp_name); of each model's
+    lr sweep in an experiment, only the cell at its chosen lr (result_cells)."""
     if df.empty or "stage" not in df:
         return df.iloc[0:0]
     keep = df[df["stage"].map(model_record).notna()]
@@ -89,7 +97,52 @@ def select_runs(df: pd.DataFrame) -> pd.DataFrame:
         keep = keep[keep["status"] == "FINISHED"]
     keep = keep.sort_values("start_time", ascending=False, kind="stable")
     keys = [k for k in ("stage", "params_hash", "exp_name") if k in keep]
-    return keep.drop_duplicates(subset=keys, keep="first")
+    return result_cells(keep.drop_duplicates(subset=keys, keep="first"), chosen_lrs(df))
+
+
+def chosen_lrs(df: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """(parent run id, model record) -> the lr that experiment's report says it chose (`<record>_lr` of
+    report.json, on the parent as `headline/<record>_lr`)."""
+    out: dict[tuple[str, str], float] = {}
+    for record in TRAIN_STAGES:
+        col = f"metrics.headline/{record}_lr"
+        if col in df:
+            out.update({(str(run_id), record): float(v) for run_id, v in zip(df["run_id"], df[col], strict=True)
+                        if not pd.isna(v)})
+    return out
+
+
+def result_cells(runs: pd.DataFrame, chosen: dict[tuple[str, str], float] | None = None) -> pd.DataFrame:
+    """Per (model, experiment): its replicate cells (`seeds/...`) and the sweep cell (`sweep/...`) at the lr
+    the experiment chose: the one its report names (`chosen`, by parent run), else its replicates' lr, else
+    the sweep cell with the lowest val loss (pick_lr's rule, protocol.pick). The sweep's other cells chose
+    the lr and are not results; an experiment whose replicates DVC reused from another keeps no cell of its
+    own beyond its sweep's, and those replicates count in the other experiment's group, whose params match."""
+    from newllm.protocol import pick
+
+    chosen = chosen or {}
+    kind = runs["stage"].map(lambda s: str(s).split("/")[0])
+    sweep = kind == "sweep"
+    if not sweep.any():
+        return runs
+    lr = pd.to_numeric(runs["params.lr"], errors="coerce") if "params.lr" in runs else pd.Series(math.nan, runs.index)
+    parent = runs["parent_id"] if "parent_id" in runs else pd.Series(None, index=runs.index)
+    experiment = parent.where(parent.notna(), runs["exp_name"]).map(_value)
+    record = runs["stage"].map(model_record)
+    drop = []
+    for (rec, exp), cells in runs[sweep].groupby([record[sweep], experiment[sweep]]):
+        replicates = lr[(kind == "seeds") & (record == rec) & (experiment == exp)].dropna()
+        if (rec_exp := (str(parent[cells.index[0]]), rec)) in chosen:
+            best = chosen[rec_exp]
+        elif not replicates.empty:
+            best = float(replicates.iloc[0])
+        else:
+            val = _final(cells, "val_loss")
+            scores = {float(lr[i]): float(v) for i, v in (val.items() if val is not None else [])
+                      if not math.isnan(lr[i]) and not pd.isna(v)}
+            best = pick(scores) if scores else math.nan
+        drop += [i for i in cells.index if not lr[i] == best]
+    return runs.drop(index=drop)
 
 
 def _value(v: Any) -> str:
@@ -140,7 +193,7 @@ def group_ablations(df: pd.DataFrame, ignore: Iterable[str] = REPLICATE_PARAMS) 
     One row per (model, values of the params that differ across that model's runs), in report order:
     model, stage, ablation (label such as `context_dim=512`), ablation_params (dict), n_seeds (runs in
     the group), seeds, exps, run_ids, val_ppl_mean/std, val_loss_mean/std, params_total. std is the
-    sample std over the group's runs (NaN for a single run).
+    sample std over the group's runs (NaN for a single run); groups ranked by test PPL (rank_groups).
     """
     ignore = tuple(ignore)
     runs = select_runs(df)
@@ -163,7 +216,7 @@ def group_ablations(df: pd.DataFrame, ignore: Iterable[str] = REPLICATE_PARAMS) 
                 "exps": sorted({_value(e) for e in g["exp_name"]}) if "exp_name" in g else [],
                 "run_ids": list(g["run_id"]) if "run_id" in g else [],
             }
-            for key in ("val_ppl", "val_loss"):
+            for key in SCORES:
                 values = _final(g, key)
                 row[f"{key}_mean"], row[f"{key}_std"] = _stats(values) if values is not None else (math.nan, math.nan)
             sizes = _final(g, "params_total")
@@ -171,15 +224,38 @@ def group_ablations(df: pd.DataFrame, ignore: Iterable[str] = REPLICATE_PARAMS) 
             row["params_total"] = int(sizes.median()) if not sizes.empty else None
             out.append(row)
     columns = ["model", "stage", "ablation", "ablation_params", "n_seeds", "seeds", "exps", "run_ids",
-               "val_ppl_mean", "val_ppl_std", "val_loss_mean", "val_loss_std", "params_total"]
-    frame = pd.DataFrame(out, columns=columns)
-    # each model's ablations best first (lower val PPL is better); models stay in report order
+               *(f"{k}_{s}" for k in SCORES for s in ("mean", "std")), "params_total"]
+    return rank_groups(pd.DataFrame(out, columns=columns))
+
+
+def rank_groups(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each model's groups best first by test PPL (lower is better), models in report order; `best` marks a
+    model's best when it has several groups, `vs_best` says of every other group whether its gap to the best
+    exceeds SE_FACTOR standard errors of the difference (sqrt(s1²/n1 + s2²/n2), over the seeds)."""
+    key = f"{RANK_BY}_mean"
     order = {m: i for i, m in enumerate(dict.fromkeys(frame["model"]))}
-    frame = frame.assign(_m=frame["model"].map(order)).sort_values(["_m", "val_ppl_mean"], kind="stable",
-                                                                   na_position="last")
-    frame["best"] = frame.groupby("model")["val_ppl_mean"].transform("min").eq(frame["val_ppl_mean"]) \
+    frame = frame.assign(_m=frame["model"].map(order)).sort_values(["_m", key], kind="stable", na_position="last")
+    frame["best"] = frame.groupby("model")[key].transform("min").eq(frame[key]) \
         & frame.groupby("model")["model"].transform("size").gt(1)
+    frame["vs_best"] = ""
+    for _, g in frame.groupby("model", sort=False):
+        if len(g) < 2 or math.isnan(g[key].iloc[0]):
+            continue
+        top = g.iloc[0]
+        for i, row in g.iloc[1:].iterrows():
+            frame.at[i, "vs_best"] = _versus(row, top)
     return frame.drop(columns="_m").reset_index(drop=True)
+
+
+def _versus(row: Any, top: Any) -> str:
+    mean, std = f"{RANK_BY}_mean", f"{RANK_BY}_std"
+    gap = row[mean] - top[mean]
+    if math.isnan(gap):
+        return ""
+    if math.isnan(row[std]) or math.isnan(top[std]):
+        return f"+{gap:.2f} (one seed: no spread to judge by)"
+    se = math.sqrt(row[std] ** 2 / row["n_seeds"] + top[std] ** 2 / top["n_seeds"])
+    return f"+{gap:.2f}, {'inside' if gap <= SE_FACTOR * se else 'beyond'} {SE_FACTOR:g} SE (SE {se:.2f})"
 
 
 # ----------------------------------------------------------------------------------------------- write
@@ -190,16 +266,19 @@ def _pm(mean: float, std: float, digits: int) -> str:
 
 
 def markdown_table(groups: pd.DataFrame) -> str:
-    """Each model's ablations best first, its best in bold (lower is better)."""
-    lines = ["| model | ablation params | runs (seeds) | val PPL (lower is better) | val loss | params_total |",
-             "|---|---|---|---|---|---|"]
+    """Each model's ablations best first by test PPL, its best in bold; val PPL beside it, labelled as what
+    chose each model's lr (lower is better)."""
+    lines = ["| model | ablation params | runs (seeds) | test PPL (ranked by) | gap to best (2 SE test) | "
+             "val PPL (selection criterion) | params_total |",
+             "|---|---|---|---|---|---|---|"]
     for g in groups.itertuples(index=False):
         seeds = f" (seed {', '.join(g.seeds)})" if g.seeds else ""
         size = f"{g.params_total:,}" if g.params_total is not None and not pd.isna(g.params_total) else "—"
-        ppl = _pm(g.val_ppl_mean, g.val_ppl_std, 2)
+        ppl = _pm(g.test_ppl_mean, g.test_ppl_std, 2)
+        vs = "best" if getattr(g, "best", False) else getattr(g, "vs_best", "") or "—"
         lines.append(f"| {g.model} | {g.ablation.replace('|', '/')} | {g.n_seeds}{seeds} | "
-                     f"{f'**{ppl}** (best)' if getattr(g, 'best', False) else ppl} | "
-                     f"{_pm(g.val_loss_mean, g.val_loss_std, 4)} | {size} |")
+                     f"{f'**{ppl}**' if getattr(g, 'best', False) else ppl} | {vs} | "
+                     f"{_pm(g.val_ppl_mean, g.val_ppl_std, 2)} | {size} |")
     return "\n".join(lines) + "\n"
 
 
@@ -209,36 +288,52 @@ def write_markdown(groups: pd.DataFrame, path: Path, figure: Path | None = None,
     text = ["# Ablations", ""]
     if source:
         text += [source, ""]
-    text += ["Runs are grouped per model by the params that differ across that model's runs; seeds are "
-             "replicates (mean ± sample std over them). Metrics are the stages' final (best-epoch) values; "
-             "lower is better, each model's best in bold. A baseline's ablation params are New-LLM's: it is "
-             "re-sized to match New-LLM's parameter count under them, it has no context_dim of its own.",
+    text += ["Each model's result cells (its replicate seeds and its sweep cell at the lr they were trained "
+             "with) grouped by the params that differ across that model's runs; seeds are replicates (mean ± "
+             "sample std over them). Ranked by test PPL, the report's headline (lower is better, each model's "
+             "best in bold); a gap inside twice its standard error is not a difference these seeds can show. "
+             "Val PPL chose each model's lr, so it is the selection criterion, not the result. A baseline's "
+             "ablation params are New-LLM's: it is re-sized to match New-LLM's parameter count under them.",
              "", markdown_table(groups)]
     if figure is not None:
-        text += [f"![val PPL per ablation]({Path(os.path.relpath(figure, path.parent)).as_posix()})", ""]
+        text += [f"![test PPL per ablation]({Path(os.path.relpath(figure, path.parent)).as_posix()})", ""]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(text))
     tmp.replace(path)
     return path
 
 
+def y_limits(g: pd.DataFrame, pad: float = 0.15) -> tuple[float, float]:
+    """A panel's y-range: its groups' test PPL mean ± std and nothing else, padded by `pad` of the span, so
+    an ablation's differences fill the panel."""
+    mean, std = g[f"{RANK_BY}_mean"], g[f"{RANK_BY}_std"].fillna(0.0)
+    lo, hi = float((mean - std).min()), float((mean + std).max())
+    span = hi - lo or max(abs(hi) * 0.05, 1e-3)
+    return lo - pad * span, hi + pad * span
+
+
 def plot_ablations(groups: pd.DataFrame, path: Path) -> Path:
-    """Val PPL mean ± std (error bars) per ablation value, one panel per model on one shared y-axis, each
-    model's best starred."""
+    """Test PPL mean ± std (error bars) per ablation, one panel per model with its own y-axis (y_limits),
+    at most three panels a row, each model's best starred."""
     from newllm.report.figures import pyplot
 
     plt = pyplot()
     models = list(dict.fromkeys(groups["model"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(max(4.5 * len(models), 5), 4.2), squeeze=False, sharey=True)
-    for ax, model in zip(axes[0], models, strict=True):
+    cols = min(3, len(models))
+    rows = math.ceil(len(models) / cols)
+    width = max(6.0 if cols == 1 else 4.5, 0.9 * groups.groupby("model").size().max() + 2)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
+    for ax, model in zip(axes.flat, models, strict=False):
         g = groups[groups["model"] == model]
         x = range(len(g))
-        ax.errorbar(x, g["val_ppl_mean"], yerr=g["val_ppl_std"].fillna(0.0), fmt="o", capsize=5, ms=6)
+        ax.errorbar(x, g[f"{RANK_BY}_mean"], yerr=g[f"{RANK_BY}_std"].fillna(0.0), fmt="o", capsize=5, ms=6)
         best = [i for i, b in enumerate(g["best"] if "best" in g else []) if b]
         if best:
-            ax.plot(best, g["val_ppl_mean"].iloc[best], "*", ms=16, color="tab:orange", label="best", zorder=3)
+            ax.plot(best, g[f"{RANK_BY}_mean"].iloc[best], "*", ms=16, color="tab:orange", label="best", zorder=3)
             ax.legend(loc="best", fontsize=8)
-        for xi, (mean, n) in enumerate(zip(g["val_ppl_mean"], g["n_seeds"], strict=True)):
+        for xi, (mean, n) in enumerate(zip(g[f"{RANK_BY}_mean"], g["n_seeds"], strict=True)):
             if not math.isnan(mean):
                 ax.annotate(f"n={n}", (xi, mean), textcoords="offset points", xytext=(8, 0), fontsize=8,
                             va="center")
@@ -246,9 +341,12 @@ def plot_ablations(groups: pd.DataFrame, path: Path) -> Path:
         ax.set_xticks(list(x), labels, rotation=30 if len(g) > 3 else 0, ha="right" if len(g) > 3 else "center",
                       fontsize=8)
         ax.set_xlim(-0.6, len(g) - 0.4)
-        ax.set(title=model, ylabel="val perplexity" if ax is axes[0][0] else None)
+        if g[f"{RANK_BY}_mean"].notna().any():
+            ax.set_ylim(*y_limits(g))
+        ax.set(title=model, ylabel="test perplexity")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Val PPL per ablation (mean ± std over seeds; lower is better)")
+    fig.suptitle("Test PPL per ablation: mean ± std over seeds, lower is better"
+                 + ("; each panel its own scale" if cols > 1 else ""), fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,9 +355,11 @@ def plot_ablations(groups: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def compare(params: Params, out_dir: Path = Path("reports")) -> tuple[pd.DataFrame, Path, Path]:
-    """Read the experiment's runs, group them, write `<out_dir>/ablations.md` and
-    `<out_dir>/figures/ablations.png`; return (groups, markdown path, figure path)."""
+def compare(params: Params, out_dir: Path = Path("reports"), every_model: bool = False
+            ) -> tuple[pd.DataFrame, Path, Path]:
+    """Read the experiment's runs, group them, write `<out_dir>/ablations.md` (every model) and
+    `<out_dir>/figures/ablations.png` (New-LLM's panel; `every_model`: one panel per model); return
+    (groups, markdown path, figure path)."""
     from newllm import tracking
 
     client, exp_id = tracking.init_store(params)
@@ -269,7 +369,9 @@ def compare(params: Params, out_dir: Path = Path("reports")) -> tuple[pd.DataFra
         raise CompareError(f"no FINISHED runs of {', '.join(TRAIN_STAGES)} in experiment "
                            f"{params.tracking.experiment!r} of {uri}: run `dvc repro` or `dvc exp run` first")
     out_dir = Path(out_dir)
-    figure = plot_ablations(groups, out_dir / FIGURE_NAME)
+    newllm = groups["stage"] == MODELS["newllm"].record
+    drawn = groups if every_model or not newllm.any() else groups[newllm]
+    figure = plot_ablations(drawn, out_dir / FIGURE_NAME)
     n = int(groups["n_seeds"].sum())
     md = write_markdown(groups, out_dir / MD_NAME, figure,
                         source=f"{n} run(s) of experiment `{params.tracking.experiment}` in `{uri}`.")
