@@ -51,6 +51,8 @@ def test_the_pages_make_ui_prints_open_on_the_answer_and_one_loss_curve_per_abla
                                                                       "experiments": json.dumps([exp_id])}), budget_ms=60000)
         parents = {r["info"]["run_name"].split(" @ ")[0]: r["info"]["run_id"] for r in api(
             base, "runs/search", body={"experiment_ids": [exp_id], "filter": tracking.PARENTS_FILTER})["runs"]}
+        params = {name: {q["key"]: q["value"] for q in api(base, "runs/get", {"run_id": rid})["run"]["data"]["params"]}
+                  for name, rid in parents.items()}
         ticked = [parents["context_dim=16"], parents["context_dim=32"]]  # tick two parents, press Compare
         parents_compared = render_page(f"{base}/#/compare-runs?" + urlencode(
             {"runs": json.dumps(ticked), "experiments": json.dumps([exp_id]), **tracking.ML_MODE}), budget_ms=60000)
@@ -65,6 +67,9 @@ def test_the_pages_make_ui_prints_open_on_the_answer_and_one_loss_curve_per_abla
     for column in ("context_dim", "headline/newllm_test_ppl", "headline/newllm_test_ppl_std"):
         assert f">{column}<" in runs, column
     assert f"| {CELL}" not in runs  # the stage runs are not rows of the answer
+    # the baseline's parent changed nothing, and shows its commit's value in the changed column
+    assert params == {"baseline": {"context_dim": "256"}, "context_dim=16": {"context_dim": "16"},
+                      "context_dim=32": {"context_dim": "32"}}, params
     # Compare of two parents: the headline side by side, and the report they share
     for value in ("headline/newllm_test_ppl", str(_test_ppl(16)), str(_test_ppl(32)), "report.html"):
         assert value in parents_compared, value

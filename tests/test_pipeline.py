@@ -34,25 +34,28 @@ def _runs_by_stage(proj: Path) -> dict[str, list]:
 
 
 def _answers(proj: Path) -> dict[str, tuple[dict[str, float], list[str], int]]:
-    """Each DVC experiment's parent run: (its headline/ metrics, its root artifacts, its duration in ms)."""
+    """Each DVC experiment's parent run: (its headline/ and report/ metrics, its root artifacts, its duration
+    in ms)."""
     client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
     exp = client.get_experiment_by_name("newllm")
-    return {r.data.tags["dvc.exp_name"]: ({k.removeprefix("headline/"): v for k, v in r.data.metrics.items()
-                                           if k.startswith("headline/")},
+    return {r.data.tags["dvc.exp_name"]: ({k: v for k, v in r.data.metrics.items() if k.startswith(("headline/", "report/"))},
                                           sorted(a.path for a in client.list_artifacts(r.info.run_id)),
                                           r.info.end_time - r.info.start_time)
             for r in client.search_runs([exp.experiment_id], max_results=1000) if "dvc.stage" not in r.data.tags}
 
 
 def _check_answer(proj: Path, exp_name: str) -> None:
-    """The experiment's parent run carries its report's headline (every number of report.json), the report
-    and its loss-curve figure, and lasts as long as the experiment's stages did."""
+    """The experiment's parent run carries its report's headline (every top-level number of report.json
+    under headline/, the nested curves under report/), the report and its loss-curve figure, and lasts as
+    long as the experiment's stages did."""
     from newllm.config import flatten
 
     metrics, artifacts, duration = _answers(proj)[exp_name]
     report = json.loads((proj / "reports/metrics/report.json").read_text())
-    want = {k: float(v) for k, v in flatten(report).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert metrics == pytest.approx(want) and "newllm_test_ppl" in metrics, sorted(set(want) ^ set(metrics))
+    want = {f"{'report' if isinstance(report[k.split('.')[0]], dict) else 'headline'}/{k}": float(v)
+            for k, v in flatten(report).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert metrics == pytest.approx(want) and "headline/newllm_test_ppl" in metrics, sorted(set(want) ^ set(metrics))
+    assert any(k.startswith("report/context_use.") for k in metrics), sorted(metrics)
     assert artifacts == ["report.html", "val_loss_curves.png"] and duration > 1000, (artifacts, duration)
 
 

@@ -35,6 +35,7 @@ PID_TAG, HOST_TAG, END_REASON_TAG = "newllm.pid", "newllm.host", "newllm.end_rea
 PARENT_TAG, CHANGED_TAG = "newllm.parent_key", "newllm.changed"  # a DVC experiment's parent run; what it changed
 STUDY_TAG = "newllm.study"
 HEADLINE = "headline"  # the section of a parent run's metrics: the report's headline (report.json), its answer
+REPORT = "report"  # ... and the rest of report.json on the parent: its curves (context use per distance)
 PARENT_ID_TAG = "mlflow.parentRunId"  # MLflow's own nesting: the UI folds a stage's run under its parent
 # The UI's "Share" view: an experiment tag holding a runs-table state, opened by `?viewStateShareKey=<key>`.
 SHARED_VIEW_TAG, ANSWER_VIEW = "mlflow.sharedViewState.", "answer"
@@ -435,24 +436,28 @@ class StageRun:
         self.client.log_inputs(self.run_id, datasets=inputs)
 
     def answer_on_parent(self, metrics: dict[str, Any], files: list[Path]) -> None:
-        """The experiment's answer on its parent run (the report stage's): every numeric value as
-        `headline/<key>`, `files` at its artifact root (Compare lists the root files two runs share), and its
-        end time now, so its duration is the experiment's (it started with the experiment's first stage)."""
+        """The experiment's answer on its parent run (the report stage's): every top-level number of
+        `metrics` as `headline/<key>` (the curves nested in it, such as context use, as `report/<key>`, so
+        the headline heads Compare's alphabetical table), `files` at its artifact root (Compare lists the
+        root files two runs share), and its end time now, so its duration is the experiment's (it started
+        with the experiment's first stage). Then the answer view over every parent (answer_view)."""
         from mlflow.entities import Metric
 
         if self.parent_id is None:
             return
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.parent_id, metrics=[Metric(f"{HEADLINE}/{k}", v, ts, 0)
-                                                       for k, v in _numeric(metrics).items()])
+        top = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+        nested = {k: v for k, v in metrics.items() if isinstance(v, dict)}
+        self.client.log_batch(self.parent_id, metrics=[Metric(f"{HEADLINE}/{k}", v, ts, 0) for k, v in _numeric(top).items()]
+                              + [Metric(f"{REPORT}/{k}", v, ts, 0) for k, v in _numeric(nested).items()])
         for f in files:
             self.client.log_artifact(self.parent_id, str(f))
         self.client.set_terminated(self.parent_id, "FINISHED", end_time=ts)
         exp_id = self.client.get_run(self.parent_id).info.experiment_id
-        parents = self.client.search_runs([exp_id], filter_string=PARENTS_FILTER, max_results=1000)
-        changed = sorted({k for run in parents for k in run.data.params})
+        changed = _fill_changed(self.client, self.client.search_runs([exp_id], filter_string=PARENTS_FILTER,
+                                                                     max_results=1000))
         self.client.set_experiment_tag(exp_id, SHARED_VIEW_TAG + ANSWER_VIEW,
-                                       json.dumps(answer_view(changed, list(_numeric(metrics)))))
+                                       json.dumps(answer_view(changed, list(_numeric(top)))))
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -750,6 +755,29 @@ def answer_view(changed: list[str], headline: list[str]) -> dict[str, Any]:
     return {"searchFilter": PARENTS_FILTER, "orderByKey": f"metrics.`{HEADLINE}/{ANSWER_SORT}`", "orderByAsc": True,
             "selectedColumns": list(names), "columnOrder": list(names),
             "columnWidths": {c: 7 * len(n) + 40 for c, n in names.items()}}  # the whole name shows: none clipped
+
+
+def _fill_changed(client: Any, parents: list[Any]) -> list[str]:
+    """Every param some ablation's parent changed (a study's cells aside: they change a dozen each), logged on
+    each parent that lacks it with its value at that parent's commit, so the answer's columns have no
+    blank (the baseline's context_dim is 256, not "-"). Returns those params, sorted."""
+    import yaml
+
+    from newllm.config import ConfigError, flatten, parse_params, to_dict
+
+    ablations = [r for r in parents if STUDY_TAG not in r.data.tags]
+    changed = sorted({k for r in ablations for k in r.data.params})
+    for r in ablations:
+        missing = [k for k in changed if k not in r.data.params]
+        text = file_at(r.data.tags.get("dvc.baseline_rev", ""), "params.yaml") if missing else None
+        if text is None:
+            continue
+        try:
+            there = flatten(to_dict(parse_params(yaml.safe_load(text))))
+        except (ConfigError, yaml.YAMLError):
+            continue
+        _log_params(client, r.info.run_id, {k: there[k] for k in missing if k in there})
+    return changed
 
 
 def has_answer_view(client: Any, exp_id: str) -> bool:
