@@ -1,6 +1,6 @@
 """Phase 1 speed at the research's scale: the sequential reference vs the parallel (Jacobi) iteration.
 
-The research (SPEC §3): 1,000 tokens, 768 dims, 3 context layers, 10 iterations -- sequential 265.98 s,
+The research (docs/research.md §3): 1,000 tokens, 768 dims, 3 context layers, 10 iterations -- sequential 265.98 s,
 parallel 11.35 s (23.4x), train ER 64.3 % vs 55.9 % (w = 0.9). Both modes run here in the same process on
 the same tokens, from the same initial weights, with the same settings, through `train_phase1`:
 

@@ -1,4 +1,4 @@
-"""DVC stage: Phase 1 of CVFP, fixed-point training of the ContextBlock (SPEC §3).
+"""DVC stage: Phase 1 of CVFP, fixed-point training of the ContextBlock (docs/research.md §3).
 
 `phase1_cvfp.py` trains the ContextBlock of params.yaml's `seed`; `--seed N` that of a replicate seed.
 """

@@ -142,7 +142,7 @@ def test_lstm_tying():
 
 # ----------------------------------------------------------------------------------------------- CVP switches
 def reference_cvp(m: CVPLM, x: torch.Tensor) -> torch.Tensor:
-    """SPEC §2 written out literally, token by token, with [e_t ; c_{t-1}] concatenated."""
+    """docs/research.md §2 written out literally, token by token, with [e_t ; c_{t-1}] concatenated."""
     w1 = torch.cat([m.in_e.weight, m.in_c.weight], dim=1)
     c = torch.zeros(x.size(0), m.context_dim)
     out = []

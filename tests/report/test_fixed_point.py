@@ -1,4 +1,4 @@
-"""Fixed-point analysis (SPEC §4): iteration counts on known contractions, distances on known vectors, and
+"""Fixed-point analysis (docs/research.md §4): iteration counts on known contractions, distances on known vectors, and
 the analysis of a (tiny, untrained) NewLLM ContextBlock."""
 
 import math

@@ -3,7 +3,7 @@
 Validation and test text are always disjoint from training text: the template generator makes unique
 sentences before splitting, and files are split into contiguous blocks (never interleaved lines), so no
 passage of val/test is seen in training. (The research's own validation was the tail of its training
-stream; SPEC §3 calls that a leak.)
+stream; docs/research.md §3 calls that a leak.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The research's "high-quality 500 sentences" template generator (SPEC §2), deterministic from a seed.
+"""The research's "high-quality 500 sentences" template generator (docs/research.md §2), deterministic from a seed.
 
 Word lists of the stated sizes (30 subjects, 33 present and 33 past verbs, 22 objects, 16 locations,
 20 time expressions, 10 subordinate clauses) and six sentence types in the stated proportions

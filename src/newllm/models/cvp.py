@@ -1,4 +1,4 @@
-"""Generation A of New-LLM: Context Vector Propagation (SPEC §2).
+"""Generation A of New-LLM: Context Vector Propagation (docs/research.md §2).
 
 One causal recurrence over positions with a fixed-size context vector c (c_0 = 0):
 
@@ -43,7 +43,7 @@ class CVPLM(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_dim, vocab_size)  # W_o, b_o
         self.update = nn.Linear(hidden_dim, context_dim)  # W_u, b_u
-        # gates as written in SPEC §2: σ(W h_t), no bias
+        # gates as written in docs/research.md §2: σ(W h_t), no bias
         self.forget = nn.Linear(hidden_dim, context_dim, bias=False) if gating else None
         self.input_gate = nn.Linear(hidden_dim, context_dim, bias=False) if gating else None
         self.norm = nn.LayerNorm(context_dim) if context_norm else None

@@ -234,7 +234,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
                  f"context cache ({new.get('context_cache_s', 0.0):.2f} s) and Phase 2 "
                  f"({new['train_wall_time_s']:.2f} s); its tokens/s is Phase 2's, on cached contexts.")
     band = decision_band(new["test_ppl"])  # on the mean over seeds
-    lines.append(f"The research's decision bands (SPEC §5: < 50 continue, 50–100 needs architecture work, > 100 "
+    lines.append(f"The research's decision bands (docs/research.md §5: < 50 continue, 50–100 needs architecture work, > 100 "
                  f"rethink) put New-LLM's test perplexity {new['test_ppl']:.2f} {band}. They were set for "
                  "WikiText; on a small template corpus low perplexities are easy.")
     doc.bullets(lines)
@@ -285,7 +285,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
              f"{params.transformer.seq_len} positions. Where a curve flattens, more past stops helping: for New-LLM "
              "the memory horizon of its fixed-size context.")
 
-    doc.heading("Fixed-point analysis of the trained ContextBlock (SPEC §4)")
+    doc.heading("Fixed-point analysis of the trained ContextBlock (docs/research.md §4)")
     fp = fixed_point_analysis(models[MODELS["newllm"].display], params.report.fixed_point_threshold,
                               params.report.fixed_point_max_steps, seed=params.seed)
     fp_rows = fixed_point_rows(fp)

@@ -1,4 +1,4 @@
-"""Fixed points of a trained ContextBlock (SPEC §4), measured on our model beside the research's numbers.
+"""Fixed points of a trained ContextBlock (docs/research.md §4), measured on our model beside the research's numbers.
 
 Feeding one token w again and again iterates c <- CB(c, x_w) from c = 0. The research found that this
 converges in 5-9 steps; that the fixed points of a 1-layer and a 2-layer model are nearly orthogonal; and
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from newllm.models.cvfp import NewLLM
 
-# SPEC §4, the original research's figures (the research: GPT-2 embeddings, 768-d tokens, 1 vs 2 layers)
+# docs/research.md §4, the original research's figures (the research: GPT-2 embeddings, 768-d tokens, 1 vs 2 layers)
 RESEARCH = {
     "steps": "5-9",
     "first_vs_all": {"cosine": 0.045, "angle_deg": 87.4, "l2": 22.15, "l2_pct_of_norm": 138.0},

@@ -1,4 +1,4 @@
-"""Memory and speed of streaming inference versus sequence length (SPEC §5, question 2: the O(1) claim).
+"""Memory and speed of streaming inference versus sequence length (docs/research.md §5, question 2: the O(1) claim).
 
 For each length L, every model is brought to position L - S (the prefix fed in chunks, carrying its state)
 and then produces S tokens one at a time, as in generation. We report, at the end of the sequence:

@@ -3,7 +3,7 @@
 - test PPL against total params per model, log-log, mean ± std over seeds, with a fitted slope per model;
 - New-LLM / Transformer test PPL ratio at each size, against the research's expectation (1.5-2x, goal 1.2x);
 - context utilisation: test loss against the number of tokens seen within a window, per model;
-- the research's decision band (SPEC §5) applied to New-LLM's test perplexity at each size.
+- the research's decision band (docs/research.md §5) applied to New-LLM's test perplexity at each size.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def build_study_report(label: str, cells: dict[str, dict[str, Any]], out_dir: Pa
                  f"from {horizon(curve)} tokens on" for k, curve in sorted(use.items())])
 
     new_ppl = {c: cells[c]["report"].get("newllm_test_ppl") for c in cells}
-    doc.heading("The research's decision bands (SPEC §5)")
+    doc.heading("The research's decision bands (docs/research.md §5)")
     bands = []
     for c, v in new_ppl.items():
         tf = cells[c]["report"].get("transformer_test_ppl")

@@ -179,7 +179,7 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def decision_band(ppl: float) -> str:
-    """The research's decision bands for New-LLM's perplexity (SPEC §5)."""
+    """The research's decision bands for New-LLM's perplexity (docs/research.md §5)."""
     if ppl < 50:
         return "below 50: worth continuing"
     if ppl <= 100:

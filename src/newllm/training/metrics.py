@@ -1,4 +1,4 @@
-"""The research's metrics, computed exactly as it computed them (SPEC §3 "Metrics")."""
+"""The research's metrics, computed exactly as it computed them (docs/research.md §3 "Metrics")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Phase 1 of CVFP: fixed-point training of the ContextBlock (SPEC §3), and the context cache of Phase 2.
+"""Phase 1 of CVFP: fixed-point training of the ContextBlock (docs/research.md §3), and the context cache of Phase 2.
 
 Pure training code: no MLflow, no files. The stage logs what the callback and `Phase1Result` report.
 
