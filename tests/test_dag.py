@@ -14,11 +14,12 @@ SRC = REPO / "src"
 # Imported by stages but unable to change a result (dvc.yaml's header says why); not deps. The training
 # stages draw only MLflow copies of their curves with report/figures.py; the report draws its outputs with it.
 # protocol.py names the cells (the harness's job) and holds the rule that picks an lr: a dep of pick_lr.
-NOT_DEPS = {"newllm/pipeline.py", "newllm/warm.py", "newllm/progress.py", "newllm/tracking.py", "newllm/dag.py", "newllm/errors.py", "newllm/registry.py",
+NOT_DEPS = {"newllm/pipeline.py", "newllm/warm.py", "newllm/progress.py", "newllm/records.py", "newllm/gitinfo.py", *(f"newllm/tracking/{m}.py" for m in ("__init__", "store", "naming", "runs", "sync", "ui")), "newllm/dag.py", "newllm/errors.py", "newllm/registry.py",
             "newllm/report/figures.py", "newllm/protocol.py",
             "newllm/training/resume.py"}  # saves and restores a trainer's state: a resume gives identical numbers
-# the report also depends on the registry (display names), its figures and the protocol (which runs it reads)
-EXTRA_DEPS = {"report": {"newllm/report/figures.py", "newllm/registry.py", "newllm/protocol.py"},
+# the report also depends on the registry (display names), its figures, the protocol (which runs it reads) and
+# gitinfo.py (its text says what the experiment changed against which commit)
+EXTRA_DEPS = {"report": {"newllm/report/figures.py", "newllm/registry.py", "newllm/protocol.py", "newllm/gitinfo.py"},
               "pick_lr": {"newllm/protocol.py"}}
 
 

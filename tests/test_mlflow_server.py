@@ -1,4 +1,4 @@
-"""A real `mlflow server` on loopback serves the runs that tracking.py wrote (REST API checked).
+"""A real `mlflow server` on loopback serves the runs that newllm.tracking wrote (REST API checked).
 
 `mlflow_server` and `two_run_store` are imported by test_browser.py too.
 """

@@ -1,4 +1,4 @@
-"""tracking.py against a real SQLite MLflow store, read back with MlflowClient."""
+"""newllm.tracking against a real SQLite MLflow store, read back with MlflowClient."""
 
 import json
 import os
@@ -236,7 +236,7 @@ def test_a_store_without_logged_models_does_not_fail_a_finished_stage(store, mon
     def no_models(*args):
         raise RuntimeError("this server has no logged-models API")
 
-    monkeypatch.setattr(tracking, "_log_checkpoint", no_models)
+    monkeypatch.setattr(tracking.runs, "_log_checkpoint", no_models)
     with tracking.stage_run(CELL, params) as run:
         ckpt = Path(run.declared.outs[0])
         ckpt.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ def load_runs(client: Any, experiment_id: str) -> pd.DataFrame:
     stage, exp_name, parent_id (its DVC experiment's parent run), params_hash, then `params.<dotted key>`
     (strings) and `metrics.<key>` (latest values; a parent's are its report's `headline/<key>`).
 
-    tracking.py is the module that writes MLflow; this is the project's one read outside it, kept here
+    newllm.tracking is the package that writes MLflow; this is the project's one read outside it, kept here
     behind this single function so the grouping below never sees an MLflow object.
     """
     rows: list[dict[str, Any]] = []

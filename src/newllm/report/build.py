@@ -25,7 +25,7 @@ from newllm.report.tables import (
     read_curve,
     read_metrics,
 )
-from newllm.tracking import changed_vs_baseline, dvc_exp_name, file_at, git_commit
+from newllm.gitinfo import changed_vs_baseline, dvc_exp_name, file_at, git_commit
 
 FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png", "lr_sweep.png", "context_use.png")
 
