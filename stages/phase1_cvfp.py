@@ -79,7 +79,7 @@ def main(params, run) -> None:
     history = [{"iteration": k, **m} for k, m in enumerate(result.history)]  # a resume's included
     frozen = {k: v for k, v in model.state_dict().items() if k.startswith(("embedding.", "context_block."))}
     if run.main:  # under torchrun every rank holds the same weights; rank 0 writes them
-        checkpoint.save(run.declared.outs[0], frozen, context_hparams(params, cache.vocab_size))
+        checkpoint.save(run.declared.checkpoint, frozen, context_hparams(params, cache.vocab_size))
     run.log_figure(phase1_curves(history), "phase1_curves.png")
     final = {
         "iterations_run": result.iterations_run, "converged": int(result.converged),

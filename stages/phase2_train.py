@@ -39,7 +39,7 @@ def main(params, run, cell) -> None:
     run.log_dataset(cache, params.dataset.source)
     with_phase1 = factory.spec(NAME).trains == "cvfp"
     if with_phase1:
-        phase1 = stages(params)[phase1_record(cell.seed)].outs[0]  # the ContextBlock of this seed
+        phase1 = stages(params)[phase1_record(cell.seed)].checkpoint  # the ContextBlock of this seed
         frozen, _ = checkpoint.load(phase1, expect=factory.context_hparams(params, cache.vocab_size))  # before compute
     torch.manual_seed(cell.seed)
     # with Phase 1 its checkpoint holds the embedding; without, GPT-2's matrix (if chosen) is read here
@@ -77,7 +77,7 @@ def main(params, run, cell) -> None:
     final, history = fit_lm(run, model, cache, params.phase2, lr=cell.lr, seed=cell.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size, extras=extras)
     if run.main:  # under DDP, rank 0 alone writes
-        factory.save_model(run.declared.outs[0], NAME, llm, {k: getattr(params, k) for k in NEWLLM_KEYS},
+        factory.save_model(run.declared.checkpoint, NAME, llm, {k: getattr(params, k) for k in NEWLLM_KEYS},
                            cache.vocab_size)
     record = factory.spec(NAME).record
     run.log_figure(lm_curves(history, record), f"{record}_curves.png")

@@ -14,7 +14,6 @@ NAME = sys.argv[1] if len(sys.argv) > 1 else ""
 def main(params, run, cell) -> None:
     import dataclasses
     import json
-    from pathlib import Path
     from types import SimpleNamespace
 
     import torch
@@ -33,7 +32,7 @@ def main(params, run, cell) -> None:
     cls = factory.model_class(NAME)
     matched = {}
     if spec.role == "baseline":
-        target = json.loads(Path(f"data/budget/{NAME}.json").read_text())["target_params"]
+        target = json.loads(run.declared.dep("data/budget/").read_text())["target_params"]
         if target and hasattr(cls, "matched_config"):  # New-LLM's size: the model says which knobs reach it
             try:
                 matched = cls.matched_config(cfg, cache.vocab_size, target)
@@ -51,7 +50,7 @@ def main(params, run, cell) -> None:
     final, history = fit_lm(run, model, cache, cfg, lr=cell.lr, seed=cell.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size)
     if run.main:  # under DDP, rank 0 alone writes
-        factory.save_model(run.declared.outs[0], NAME, model, arch, cache.vocab_size)
+        factory.save_model(run.declared.checkpoint, NAME, model, arch, cache.vocab_size)
     if spec.role == "baseline":
         final["matched"] = bool(matched)  # a baseline without a width search stays unmatched: no ratio
     if matched:

@@ -97,3 +97,31 @@ def test_stage_names_and_records_follow_dvcs_own_resolution(tmp_path: Path, lrs)
     ours = stages(load_params(tmp_path / "params.yaml"), tmp_path)
     assert sorted(out) == sorted(s.name for s in ours.values())
     assert {f"sweep/lstm/lr{lr}" for lr in lrs} | {"seeds/lstm/seed2", "phase1/seed1", "pick_lr"} <= set(ours)
+
+
+def test_a_stage_names_its_checkpoint_and_its_deps_by_path_not_position():
+    from newllm.dag import Stage
+    from newllm.errors import PipelineError
+
+    declared = stages(load_params(REPO / "params.yaml"), REPO)
+    assert declared["sweep/lstm/lr0.01"].checkpoint == Path("data/checkpoints/sweep/lstm/lr0.01.pt")
+    assert declared["sweep/lstm/lr0.01"].dep("data/budget/") == Path("data/budget/lstm.json")
+    assert declared["phase1/seed0"].checkpoint == Path("data/checkpoints/phase1/seed0.pt")
+    two = Stage("x", "x", "", (), ("a/1", "a/2"), ("m.pt", "n.pt"), ())
+    with pytest.raises(PipelineError, match="declares 2 checkpoints"):
+        _ = two.checkpoint
+    with pytest.raises(PipelineError, match="2 deps under a/"):
+        two.dep("a/")
+
+
+def test_dvc_yaml_lists_its_stages_in_pipeline_order():
+    """Read top to bottom, dvc.yaml is the DAG: no stage comes before a stage whose output it reads."""
+    import yaml
+
+    names = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    declared = stages(load_params(REPO / "params.yaml"), REPO).values()
+    position = {s.name: names.index(s.name.split("@")[0]) for s in declared}
+    for s in declared:
+        for other in declared:
+            if any(out == dep or dep.startswith(out.rstrip("/") + "/") for out in other.outs for dep in s.deps):
+                assert position[other.name] <= position[s.name], f"{s.name} reads {other.name}'s output above it"

@@ -61,6 +61,21 @@ class Stage:
         return next((Path(p) for p in self.outs if p.startswith(TIMING_DIR)), None)
 
     @property
+    def checkpoint(self) -> Path:
+        """Its model checkpoint: the one `.pt` among its outs (what the stage writes, what others load)."""
+        found = [Path(p) for p in self.outs if p.endswith(".pt")]
+        if len(found) != 1:
+            raise PipelineError(f"{DVC_YAML}: stage {self.name} declares {len(found)} checkpoints (.pt outs), not one")
+        return found[0]
+
+    def dep(self, under: str) -> Path:
+        """Its one dependency at or under `under` (a path prefix, e.g. "data/budget/"), as dvc.yaml lists it."""
+        found = [Path(d) for d in self.deps if d == under or d.startswith(under)]
+        if len(found) != 1:
+            raise PipelineError(f"{DVC_YAML}: stage {self.name} has {len(found)} deps under {under}, not one")
+        return found[0]
+
+    @property
     def plots_file(self) -> Path | None:
         """Where its per-step curve goes (the one .csv among `records`)."""
         return next((Path(p) for p in self.records if p.endswith(".csv")), None)

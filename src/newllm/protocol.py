@@ -74,7 +74,7 @@ def checkpoint(params: Any, name: str, root: Path = Path(".")) -> Path:
         raise PipelineError(f"{name} is not trained under these params: add it to params.yaml's baselines "
                             f"({', '.join(params.baselines)})")
     record = runs(params, MODELS[name].record, root)[params.seed]
-    return Path(root) / stages(params, root)[record].outs[0]
+    return Path(root) / stages(params, root)[record].checkpoint
 
 
 def pick(val_losses: dict[float, float]) -> float:

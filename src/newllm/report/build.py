@@ -8,6 +8,7 @@ from typing import Any
 
 from newllm.config import Params, params_hash, stages
 from newllm.errors import PipelineError
+from newllm.gitinfo import changed_vs_baseline, dvc_exp_name, file_at, git_commit
 from newllm.protocol import FULL_LRS, checkpoint, full_sweep_command, phase1_record, runs, seeds
 from newllm.registry import CONTROLS, MODELS, by_record
 from newllm.report.document import Document
@@ -25,7 +26,6 @@ from newllm.report.tables import (
     read_curve,
     read_metrics,
 )
-from newllm.gitinfo import changed_vs_baseline, dvc_exp_name, file_at, git_commit
 
 FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png", "lr_sweep.png", "context_use.png")
 
