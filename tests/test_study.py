@@ -77,6 +77,15 @@ def test_the_study_report_fits_slopes_and_states_the_expectation(tmp_path):
     assert "b: New-LLM test PPL 150.00: above 100: rethink the approach; the Transformer on the same tokens: 90.00, " \
            "between 50 and 100: needs architecture work" in md and "first 20,000 tokens" in md
     assert (tmp_path / "figures" / "scaling.png").stat().st_size > 0 and (tmp_path / "study.html").is_file()
+    # a model added to the registry is in the study report, under its display name (no table of its own here)
+    from newllm.registry import MODELS, LSTMConfig, ModelSpec
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(MODELS, "toy", ModelSpec("toy", "Toy RNN", LSTMConfig, "LSTMLM"))
+        for c, ppl in (("a", 300.0), ("b", 250.0)):
+            cells[c]["report"].update(toy_test_ppl=ppl, toy_test_ppl_std=1.0, toy_params_total=cells[c]["report"]["newllm_params_total"])
+        assert build_study_report("s-tiny", cells, tmp_path)["slopes"]["toy"] == pytest.approx(math.log(250 / 300) / math.log(4))
+        assert "Toy RNN: log-log slope" in (tmp_path / "study.md").read_text()
     # both get worse with size, the Transformer faster: the ratio falls, but the gap has not closed
     cells["b"]["report"] = report(4e6, 220.0, 150.0)
     build_study_report("s-tiny", cells, tmp_path)

@@ -13,12 +13,18 @@ import math
 from pathlib import Path
 from typing import Any
 
+from newllm.registry import MODELS
 from newllm.report.document import Document, Table
 from newllm.report.figures import context_use_figure, pyplot
 from newllm.report.tables import decision_band
 
-MODELS = {"newllm": "New-LLM", "transformer": "Transformer", "lstm": "LSTM", "cvp": "CVP",
-          "phase1_off": "New-LLM, Phase 1 off", "end_to_end": "New-LLM end-to-end"}
+
+def models() -> dict[str, str]:
+    """report.json's key of every registered model (report/build.py: New-LLM's is `newllm`, every other's its
+    record) -> its display name; read when a report is built, so a newly registered model is in it."""
+    return {("newllm" if s.role == "newllm" else s.record): s.display for s in MODELS.values()}
+
+
 EXPECTED, GOAL = (1.5, 2.0), 1.2  # the research's expectation for New-LLM / Transformer test PPL, and its goal
 
 
@@ -36,7 +42,7 @@ def points(cells: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for cell, c in cells.items():
         r = c["report"]
-        for key in MODELS:
+        for key in models():
             if r.get(f"{key}_test_ppl") is not None and r.get(f"{key}_params_total"):
                 out.setdefault(key, []).append({"cell": cell, "params": r[f"{key}_params_total"],
                                                 "ppl": r[f"{key}_test_ppl"], "std": r.get(f"{key}_test_ppl_std") or 0.0})
@@ -48,7 +54,7 @@ def scaling_figure(pts: dict[str, list[dict[str, Any]]]):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, ps in pts.items():
         s = slope([p["params"] for p in ps], [p["ppl"] for p in ps])
-        label = MODELS[key] + ("" if s is None else f" (slope {s:.2f})")
+        label = models()[key] + ("" if s is None else f" (slope {s:.2f})")
         ax.errorbar([p["params"] for p in ps], [p["ppl"] for p in ps], yerr=[p["std"] for p in ps], marker="o",
                     capsize=3, label=label)
     ax.set_xscale("log")
@@ -66,8 +72,9 @@ def context_figure(cells: dict[str, dict[str, Any]]):
     """Loss against tokens seen, per model: the largest cell drawn, the others faint behind it."""
     names = list(cells)
     use = lambda c: cells[c]["report"].get("context_use") or {}  # noqa: E731
-    faint = {f"{MODELS.get(k, k)} ({c})": curve for c in names[:-1] for k, curve in use(c).items()}
-    return context_use_figure({MODELS.get(k, k): curve for k, curve in sorted(use(names[-1]).items())},
+    names_of = models()
+    faint = {f"{names_of.get(k, k)} ({c})": curve for c in names[:-1] for k, curve in use(c).items()}
+    return context_use_figure({names_of.get(k, k): curve for k, curve in sorted(use(names[-1]).items())},
                               f"Context utilisation at {names[-1]} (faint: the smaller cells)", faint=faint)
 
 
@@ -107,7 +114,8 @@ def build_study_report(label: str, cells: dict[str, dict[str, Any]], out_dir: Pa
     scale_png = figs / "scaling.png"
     _save(scaling_figure(pts), scale_png)
     doc.figure(scale_png, "Test PPL against total params, log-log, mean ± std over seeds; slope of the fit in the legend")
-    header = ["cell", *(f"{MODELS[k]} params" for k in pts), *(f"{MODELS[k]} test PPL" for k in pts),
+    names_of = models()
+    header = ["cell", *(f"{names_of[k]} params" for k in pts), *(f"{names_of[k]} test PPL" for k in pts),
               "New-LLM / Transformer", "decision band (New-LLM)"]
     rows = []
     for cell, c in cells.items():
@@ -117,7 +125,7 @@ def build_study_report(label: str, cells: dict[str, dict[str, Any]], out_dir: Pa
                        if r.get(f"{k}_test_ppl") is not None else "-" for k in pts),
                      f"{ratios[cell]:.3f}" if ratios[cell] else "-", r.get("decision_band", "-")])
     doc.table(Table(header, rows))
-    lines = [f"{MODELS[k]}: log-log slope {s:.3f} (PPL ∝ params^{s:.3f})" for k, s in slopes.items() if s is not None]
+    lines = [f"{names_of[k]}: log-log slope {s:.3f} (PPL ∝ params^{s:.3f})" for k, s in slopes.items() if s is not None]
     measured = [v for v in ratios.values() if v]
     if measured:
         inside = sum(EXPECTED[0] <= v <= EXPECTED[1] for v in measured)
@@ -134,7 +142,7 @@ def build_study_report(label: str, cells: dict[str, dict[str, Any]], out_dir: Pa
     doc.figure(use_png, "Test loss against the number of tokens seen (each window starts with no past), per model")
     last = list(cells)[-1]
     use = cells[last]["report"].get("context_use") or {}
-    doc.bullets([f"{MODELS.get(k, k)} ({last}): loss {curve[min(curve, key=int)]:.3f} with 1 token of context, "
+    doc.bullets([f"{names_of.get(k, k)} ({last}): loss {curve[min(curve, key=int)]:.3f} with 1 token of context, "
                  f"{curve[max(curve, key=int)]:.3f} with {max(int(p) for p in curve)}+; within 0.01 nats of that "
                  f"from {horizon(curve)} tokens on" for k, curve in sorted(use.items())])
 
