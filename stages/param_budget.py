@@ -19,7 +19,7 @@ def main(params, run) -> None:
     from newllm.models.factory import count_params
 
     cache = load_cache()
-    trainable, total = count_params(Phase2Model(NewLLM.from_config(params, cache.vocab_size, load_pretrained=False)))
+    trainable, total = count_params(Phase2Model(NewLLM.from_config(params.newllm_config(), cache.vocab_size, load_pretrained=False)))
     OUT.mkdir(parents=True, exist_ok=True)
     for name in params.baselines:
         budget = {"baseline": name, "target_params": total if params.protocol.match_params else None}

@@ -57,7 +57,7 @@ def main(params, run) -> None:
     run.log_dataset(cache, params.dataset.source)
     seed = seed_of(params)
     torch.manual_seed(seed)
-    model = NewLLM.from_config(params, cache.vocab_size)
+    model = NewLLM.from_config(params.newllm_config(), cache.vocab_size)
 
     def on_iteration(k: int, metrics: dict) -> None:
         run.log_step(metrics, step=k)

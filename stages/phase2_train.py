@@ -22,7 +22,7 @@ TMP = Path("data/tmp") / "_".join([NAME, *CELL, "contexts", f"rank{os.environ.ge
 def main(params, run, cell) -> None:
     import torch
 
-    from newllm.config import NEWLLM_KEYS, stages
+    from newllm.config import stages
     from newllm.data.disk_array import scratch_tensor
     from newllm.data.token_cache import load_cache
     from newllm.models import factory
@@ -43,7 +43,7 @@ def main(params, run, cell) -> None:
         frozen, _ = checkpoint.load(phase1, expect=factory.context_hparams(params, cache.vocab_size))  # before compute
     torch.manual_seed(cell.seed)
     # with Phase 1 its checkpoint holds the embedding; without, GPT-2's matrix (if chosen) is read here
-    llm = NewLLM.from_config(params, cache.vocab_size, load_pretrained=not with_phase1)
+    llm = NewLLM.from_config(params.newllm_config(), cache.vocab_size, load_pretrained=not with_phase1)
     if with_phase1:
         missing, unexpected = llm.load_state_dict(frozen, strict=False)
         if unexpected or any(k.startswith(("embedding.", "context_block.")) for k in missing):
@@ -77,7 +77,7 @@ def main(params, run, cell) -> None:
     final, history = fit_lm(run, model, cache, params.phase2, lr=cell.lr, seed=cell.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size, extras=extras)
     if run.main:  # under DDP, rank 0 alone writes
-        factory.save_model(run.declared.checkpoint, NAME, llm, {k: getattr(params, k) for k in NEWLLM_KEYS},
+        factory.save_model(run.declared.checkpoint, NAME, llm, params.newllm_config(),
                            cache.vocab_size)
     record = factory.spec(NAME).record
     run.log_figure(lm_curves(history, record), f"{record}_curves.png")

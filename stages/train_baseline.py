@@ -14,11 +14,9 @@ NAME = sys.argv[1] if len(sys.argv) > 1 else ""
 def main(params, run, cell) -> None:
     import dataclasses
     import json
-    from types import SimpleNamespace
 
     import torch
 
-    from newllm.config import NEWLLM_KEYS
     from newllm.data.token_cache import load_cache
     from newllm.errors import PipelineError
     from newllm.models import factory
@@ -43,9 +41,9 @@ def main(params, run, cell) -> None:
         run.log_tags({"newllm.matched_to": f"New-LLM's {target:,} params under {run.changed}: "
                       + ", ".join(f"{k}={v}" for k, v in matched.items()) if matched else "unmatched"})
     # a control of New-LLM is New-LLM's network (its top-level params), trained with this section's knobs
-    arch = {k: getattr(params, k) for k in NEWLLM_KEYS} if spec.arch == "newllm" else cfg
+    arch = params.newllm_config() if spec.arch == "newllm" else cfg
     torch.manual_seed(cell.seed)
-    model = cls.from_config(SimpleNamespace(**arch) if isinstance(arch, dict) else arch, cache.vocab_size)
+    model = cls.from_config(arch, cache.vocab_size)
     run.log_params({"lr": cell.lr})
     final, history = fit_lm(run, model, cache, cfg, lr=cell.lr, seed=cell.seed, device=params.device,
                             eval_batch_size=params.eval_batch_size)

@@ -158,3 +158,14 @@ def test_changed_params_lists_what_differs_from_a_baseline():
     changed = changed_params(exp, base)
     assert changed["context_dim"] == (512, 256) and changed["protocol.replicates"] == ([1, 2, 3], [1, 2])
     assert changed["lstm.epochs"] == (7, 200)  # an inherited train: key shows in each model that reads it
+
+
+def test_newllms_architecture_is_one_object_built_from_the_top_level_keys():
+    from newllm.config import NEWLLM_KEYS
+
+    p = default_params(context_dim=48, token_plan="A")
+    arch = p.newllm_config()
+    assert tuple(f.name for f in dataclasses.fields(arch)) == NEWLLM_KEYS  # the checkpoint meta's order
+    assert arch.context_dim == 48 and arch.token_plan == "A" and arch.embed_dim == p.embed_dim
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        arch.context_dim = 1

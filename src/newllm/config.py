@@ -163,6 +163,11 @@ class _Params:
     tracking: TrackingConfig = knob()
     distributed: DistributedConfig = knob()
 
+    def newllm_config(self) -> Any:
+        """New-LLM's architecture as one object (NewLLMConfig): what builds its network, for New-LLM, its
+        controls and their checkpoints."""
+        return NewLLMConfig(**{k: getattr(self, k) for k in NEWLLM_KEYS})
+
 
 # One section per registered model (phase2, transformer, ...), typed by its registry entry; a control may
 # share New-LLM's (the Phase 1 off control trains with phase2's knobs).
@@ -175,6 +180,11 @@ Params = dataclasses.make_dataclass(
 
 NEWLLM_KEYS = ("context_dim", "embed_dim", "context_layers", "token_layers", "token_plan", "context_norm",
                "embedding", "embedding_path", "tie_head")  # New-LLM's architecture (top-level keys)
+# ... as one frozen object, its fields typed as params.yaml's (Params.newllm_config builds it)
+NewLLMConfig = dataclasses.make_dataclass(
+    "NewLLMConfig", [(f.name, f.type) for f in dataclasses.fields(_Params) if f.name in NEWLLM_KEYS], frozen=True,
+    namespace={"__doc__": "New-LLM's architecture: the top-level keys of params.yaml, kept top-level because "
+                          "`dvc exp run -S context_dim=512` is how users ablate it."})
 
 
 # ----------------------------------------------------------------------------------------------- validation

@@ -43,7 +43,8 @@ def count_params(module: nn.Module) -> tuple[int, int]:
 
 def context_hparams(params: Any, vocab_size: int) -> dict[str, Any]:
     """Phase 1's checkpoint meta, checked by Phase 2 before it computes."""
-    return {"vocab_size": vocab_size, **{k: getattr(params, k) for k in CONTEXT_KEYS}}
+    arch = params.newllm_config()
+    return {"vocab_size": vocab_size, **{k: getattr(arch, k) for k in CONTEXT_KEYS}}
 
 
 def save_model(path: Path, name: str, model: nn.Module, config: Any, vocab_size: int) -> None:
