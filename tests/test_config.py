@@ -122,8 +122,12 @@ def test_stage_params_and_outs_come_from_dvc_yaml():
     assert "data/lr/lstm.json" in declared["seeds/lstm/seed1"].deps
     assert "sweep/transformer/lr0.001" not in stages(default_params(baselines=["lstm"]))  # the matrix follows `baselines`
     assert set(dag.upstream_params(declared, "sweep/phase2_train/lr0.001")) >= {"phase1", "tokenizer", "dataset"}
-    # every compared model has one cell per lr and one per replicate seed; Phase 1 one per seed
-    for spec in MODELS.values():
+    # every compared model has one cell per lr and one per replicate seed, a registered one not in `baselines`
+    # none; Phase 1 one per seed
+    from newllm.registry import compared
+
+    assert not any(r.startswith(("sweep/mingru/", "seeds/mingru/")) for r in declared)  # not in the default baselines
+    for spec in compared(p.baselines):
         for lr in p.protocol.lrs:
             assert f"sweep/{spec.record}/lr{lr}" in declared
         for seed in p.protocol.replicates:

@@ -83,6 +83,14 @@ class CVPConfig(TrainConfig):
     positional: bool = knob()  # learned position table over seq_len (the first versions had one)
 
 
+@dataclass
+class MinGRUConfig(TrainConfig):
+    dim: int = knob(lo=1)  # the residual width: as is when protocol.match_params is false
+    num_layers: int = knob(lo=1)
+    expansion: float = knob(lo=0.0, lo_open=True)  # the minGRU's hidden width, as a multiple of dim
+    dropout: float = knob(lo=0.0, hi=1.0)
+
+
 # ----------------------------------------------------------------------------------------------- table
 @dataclass(frozen=True)
 class ModelSpec:
@@ -124,6 +132,7 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("transformer", "Transformer", TransformerConfig, "TransformerLM"),
     ModelSpec("lstm", "LSTM", LSTMConfig, "LSTMLM"),
     ModelSpec("cvp", "CVP", CVPConfig, "CVPLM", memory_probe=False),
+    ModelSpec("mingru", "minGRU", MinGRUConfig, "MinGRULM"),  # a fixed-state RNN trained by a parallel scan
 )}
 
 BASELINES = tuple(name for name, s in MODELS.items() if s.role == "baseline")  # what `baselines` may list

@@ -1,4 +1,4 @@
-"""The three baseline models: parameter matching, shapes, causality, state carrying, CVP switches."""
+"""The baseline models: parameter matching, shapes, causality, state carrying, CVP switches, minGRU's scan."""
 
 import dataclasses
 
@@ -10,6 +10,7 @@ from helpers import section
 from newllm.models.cvp import CVPLM
 from newllm.models.factory import count_params
 from newllm.models.lstm import LSTMLM
+from newllm.models.mingru import MinGRULM, scan_log
 from newllm.models.transformer import TransformerLM, gpt2_param_count, match_width
 
 V, T = 50, 12
@@ -25,6 +26,8 @@ def tiny(kind: str, **kw) -> torch.nn.Module:
         return TransformerLM(V, n_layer=2, n_head=2, n_embd=16, seq_len=T, dropout=kw.pop("dropout", 0.0))
     if kind == "lstm":
         return LSTMLM(V, embed_dim=16, hidden_dim=16, num_layers=2, dropout=kw.pop("dropout", 0.0), **kw)
+    if kind == "mingru":
+        return MinGRULM(V, dim=16, num_layers=2, expansion=1.5, dropout=kw.pop("dropout", 0.0))
     args = dict(embed_dim=8, context_dim=12, hidden_dim=16, num_layers=2, dropout=0.0, seq_len=T)
     return CVPLM(V, **{**args, **kw})
 
@@ -64,7 +67,7 @@ def test_from_config_builds_each_model():
 
 
 # ----------------------------------------------------------------------------------------------- shapes, causality
-@pytest.mark.parametrize("kind", ["transformer", "lstm", "cvp"])
+@pytest.mark.parametrize("kind", ["transformer", "lstm", "cvp", "mingru"])
 def test_forward_shapes_and_causality(kind):
     m = tiny(kind).eval()
     x = tokens()
@@ -74,6 +77,8 @@ def test_forward_shapes_and_causality(kind):
         assert state is None
     elif kind == "lstm":
         assert state[0].shape == state[1].shape == (2, 3, 16)
+    elif kind == "mingru":
+        assert [h.shape for h in state] == [(3, 24), (3, 24)]  # each layer's h: expansion 1.5 x dim 16
     else:
         assert state.shape == (3, 12)
     cut = 5
@@ -84,7 +89,7 @@ def test_forward_shapes_and_causality(kind):
     assert not torch.allclose(logits2[:, cut + 1:], logits[:, cut + 1:])
 
 
-@pytest.mark.parametrize("kind", ["transformer", "lstm", "cvp"])
+@pytest.mark.parametrize("kind", ["transformer", "lstm", "cvp", "mingru"])
 def test_one_step_lowers_the_loss(kind):
     m = tiny(kind)
     x, y = tokens(seed=2), tokens(seed=3)
@@ -101,7 +106,7 @@ def test_one_step_lowers_the_loss(kind):
 
 
 @pytest.mark.parametrize("kind,kw", [("lstm", {}), ("cvp", {}), ("cvp", {"gating": True, "context_clip": 0.5}),
-                                     ("cvp", {"context_norm": False})])
+                                     ("cvp", {"context_norm": False}), ("mingru", {})])
 def test_state_carried_across_windows_equals_one_long_forward(kind, kw):
     m = tiny(kind, **kw).eval()
     x = tokens(t=T)
@@ -110,6 +115,29 @@ def test_state_carried_across_windows_equals_one_long_forward(kind, kw):
     b, s = m(x[:, 5:9], s)
     c, _ = m(x[:, 9:], s)
     torch.testing.assert_close(torch.cat([a, b, c], dim=1), full)
+
+
+def test_mingru_scan_equals_its_own_step_token_by_token():
+    """Training's log-space scan and generation's step are one recurrence: a window in one call equals the
+    same tokens fed one call each (the state carried), and the scan equals the loop it replaces."""
+    m = tiny("mingru").eval()
+    x = tokens(t=T)
+    full, state = m(x)
+    steps, s = [], None
+    for t in range(T):
+        out, s = m(x[:, t:t + 1], s)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+    for a, b in zip(s, state, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # scan_log against the plain loop h_t = a_t h_{t-1} + b_t, from a given h0
+    g = torch.Generator().manual_seed(0)
+    a, b, h0 = torch.rand(2, 40, 3, generator=g), torch.rand(2, 40, 3, generator=g), torch.rand(2, 3, generator=g)
+    h, loop = h0, []
+    for t in range(40):
+        h = a[:, t] * h + b[:, t]
+        loop.append(h)
+    torch.testing.assert_close(scan_log(a.log(), b.log(), h0), torch.stack(loop, dim=1), rtol=1e-4, atol=1e-6)
 
 
 def test_transformer_kv_cache_steps_match_the_full_forward():
@@ -219,7 +247,8 @@ def test_cvp_positional_refuses_a_window_longer_than_its_table():
         tiny("cvp", positional=True)(tokens(t=T + 1))
 
 
-@pytest.mark.parametrize("name, cls", [("lstm", LSTMLM), ("cvp", CVPLM), ("transformer", TransformerLM)])
+@pytest.mark.parametrize("name, cls", [("lstm", LSTMLM), ("cvp", CVPLM), ("transformer", TransformerLM),
+                                       ("mingru", MinGRULM)])
 @pytest.mark.parametrize("target", [60_000, 363_778])
 def test_every_baseline_is_sized_to_the_target_within_10_percent(name, cls, target):
     cfg = section(name, seq_len=T)
