@@ -110,6 +110,7 @@ class ModelSpec:
     record: str = ""  # its metrics/plots/checkpoint/MLflow stage name; default: name
     module: str = ""  # newllm.models.<module>; default: name
     memory_probe: bool = True  # the report measures its memory and ms/token against sequence length
+    reference: bool = False  # the baseline the report's headline compares New-LLM with (one model at most)
 
     def __post_init__(self) -> None:
         for attr in ("section", "record", "module"):
@@ -129,7 +130,7 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
               memory_probe=False),  # the same state as New-LLM's: the probe would repeat its row
     ModelSpec("newllm_end_to_end", "New-LLM, end-to-end", EndToEndConfig, "NewLLM", role="control",
               arch="newllm", section="end_to_end", record="end_to_end", module="cvfp", memory_probe=False),
-    ModelSpec("transformer", "Transformer", TransformerConfig, "TransformerLM"),
+    ModelSpec("transformer", "Transformer", TransformerConfig, "TransformerLM", reference=True),
     ModelSpec("lstm", "LSTM", LSTMConfig, "LSTMLM"),
     ModelSpec("cvp", "CVP", CVPConfig, "CVPLM", memory_probe=False),
     ModelSpec("mingru", "minGRU", MinGRUConfig, "MinGRULM"),  # a fixed-state RNN trained by a parallel scan
@@ -137,6 +138,12 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
 
 BASELINES = tuple(name for name, s in MODELS.items() if s.role == "baseline")  # what `baselines` may list
 CONTROLS = tuple(name for name, s in MODELS.items() if s.role == "control")
+
+
+if sum(s.reference for s in MODELS.values()) > 1:
+    raise ValueError(f"registry.py: more than one reference model: "
+                     f"{', '.join(n for n, s in MODELS.items() if s.reference)}")
+REFERENCE = next((s for s in MODELS.values() if s.reference), None)  # what the headline compares with
 
 
 def by_record(record: str) -> ModelSpec:

@@ -10,7 +10,7 @@ from newllm.config import Params, params_hash, stages
 from newllm.errors import PipelineError
 from newllm.gitinfo import changed_vs_baseline, dvc_exp_name, file_at, git_commit
 from newllm.protocol import FULL_LRS, checkpoint, full_sweep_command, phase1_record, runs, seeds
-from newllm.registry import CONTROLS, MODELS, by_record
+from newllm.registry import CONTROLS, MODELS, REFERENCE, by_record
 from newllm.report.document import Document
 from newllm.report.figures import context_use_figure, lr_sweep, phase1_curves, pyplot
 from newllm.report.tables import (
@@ -63,21 +63,22 @@ def _gap(per_seed: dict[str, list[dict[str, Any]]], a: str, b: str) -> str:
 
 def answer(summary: dict[str, dict[str, Any]], per_seed: dict[str, list[dict[str, Any]]],
            rel: dict[str, float]) -> str:
-    """The report's first sentence: New-LLM against the matched Transformer on test, then the controls."""
+    """The report's first sentence: New-LLM against the registry's reference model (REFERENCE: the
+    parameter-matched Transformer) on test, then the controls."""
     new = summary[NEWLLM]
     n = len(new["seeds"])
     spread = lambda m: f" ± {m['test_ppl_std']:.2f}" if m["test_ppl_std"] is not None else ""  # noqa: E731
     parts = []
-    if "test_ppl_ratio_vs_transformer" in rel:
-        t = summary["transformer"]
+    ref = REFERENCE
+    ratio = rel.get(f"test_ppl_ratio_vs_{ref.record}") if ref is not None else None
+    if ratio is not None:
+        t = summary[ref.record]
         parts.append(f"On test, over {n} seed{'s' if n > 1 else ''}, New-LLM's perplexity is {new['test_ppl']:.2f}"
-                     f"{spread(new)} against {t['test_ppl']:.2f}{spread(t)} for the parameter-matched Transformer: "
-                     f"{rel['test_ppl_ratio_vs_transformer']:.3f}x "
-                     f"({'better' if rel['test_ppl_ratio_vs_transformer'] < 1 else 'worse'}); "
-                     f"{_gap(per_seed, NEWLLM, 'transformer')}.")
+                     f"{spread(new)} against {t['test_ppl']:.2f}{spread(t)} for the parameter-matched {ref.display}: "
+                     f"{ratio:.3f}x ({'better' if ratio < 1 else 'worse'}); {_gap(per_seed, NEWLLM, ref.record)}.")
     else:
-        parts.append(f"On test, New-LLM's perplexity is {new['test_ppl']:.2f}{spread(new)} (no matched Transformer "
-                     "in this run).")
+        parts.append(f"On test, New-LLM's perplexity is {new['test_ppl']:.2f}{spread(new)} (no matched "
+                     f"{ref.display if ref is not None else 'reference model'} in this run).")
     for control in CONTROLS:
         record = MODELS[control].record
         c = summary[record]
