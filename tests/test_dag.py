@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, VENV_BIN, default_params, run, use_project_dvc_yaml, write_params
 
+from newllm import dag
 from newllm.config import load_params, stages
 from newllm.registry import MODELS
 
@@ -123,5 +124,5 @@ def test_dvc_yaml_lists_its_stages_in_pipeline_order():
     position = {s.name: names.index(s.name.split("@")[0]) for s in declared}
     for s in declared:
         for other in declared:
-            if any(out == dep or dep.startswith(out.rstrip("/") + "/") for out in other.outs for dep in s.deps):
+            if any(dag.produces(out, dep) for out in other.outs for dep in s.deps):
                 assert position[other.name] <= position[s.name], f"{s.name} reads {other.name}'s output above it"

@@ -156,7 +156,7 @@ def load_stages(params: dict[str, Any], root: Path = Path(".")) -> dict[str, Sta
     return stages
 
 
-def _produces(out: str, dep: str) -> bool:
+def produces(out: str, dep: str) -> bool:
     """Whether writing `out` can change `dep` (the same path, or one inside the other)."""
     return out == dep or dep.startswith(out.rstrip("/") + "/") or out.startswith(dep.rstrip("/") + "/")
 
@@ -170,7 +170,7 @@ def upstream_params(stages: dict[str, Stage], record: str) -> tuple[str, ...]:
         for other in stages.values():
             if other.record in seen or other.record == stage.record:
                 continue
-            if any(_produces(out, dep) for out in other.outs + other.records for dep in stage.deps):
+            if any(produces(out, dep) for out in other.outs + other.records for dep in stage.deps):
                 seen.add(other.record)
                 keys.extend(k for k in other.params if k not in keys)
                 visit(other)

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from newllm import dag
+from newllm.records import atomic_write
 
 PROGRESS_DIR = Path("data/tmp/progress")  # git- and DVC-ignored (data/*), per working copy
 DURATIONS = PROGRESS_DIR / "durations.json"  # stage name -> seconds its last run here took
@@ -78,13 +79,20 @@ def plan(stages: dict[str, dag.Stage], lock: dict[str, Any], raw_params: dict[st
     stage's file output that still has the bytes dvc.lock records reruns nothing downstream, as in DVC;
     one still to run is taken to change, except PARAMS_OK, which stages/validate.py writes identically."""
     produced = {p: s.name for s in stages.values() for p in s.outs + s.records}
+    hashes: dict[Path, str | None] = {}  # a source file is a dep of many stages: hash it once
+
+    def md5(path: Path) -> str | None:
+        if path not in hashes:
+            hashes[path] = _md5(path)
+        return hashes[path]
+
     own: set[str] = set()  # stale for a reason of their own
     for s in stages.values():
         entry = lock.get(s.name)
         locked = ((entry or {}).get("params") or {}).get("params.yaml", {})
         if (entry is None or entry.get("cmd") != s.cmd or any(not (root / o).exists() for o in s.outs)
                 or any(_value(raw_params, k) != v for k, v in locked.items())
-                or any(d["path"] not in produced and (root / d["path"]).is_file() and _md5(root / d["path"]) != d.get("md5")
+                or any(d["path"] not in produced and (root / d["path"]).is_file() and md5(root / d["path"]) != d.get("md5")
                        for d in entry.get("deps") or [])):
             own.add(s.name)
     stale = (own - ran) | ({running} if running else set())
@@ -94,7 +102,7 @@ def plan(stages: dict[str, dag.Stage], lock: dict[str, Any], raw_params: dict[st
     def changes(producer: str, stage: dag.Stage, dep: str) -> bool:
         if producer in ran:  # its output is written: compare what the lock recorded (a folder: assume changed)
             path = root / dep
-            return not path.is_file() or _md5(path) != locked_deps[stage.name].get(dep)
+            return not path.is_file() or md5(path) != locked_deps[stage.name].get(dep)
         return producer in stale and dep != str(PARAMS_OK)
 
     grew = True
@@ -104,7 +112,7 @@ def plan(stages: dict[str, dag.Stage], lock: dict[str, Any], raw_params: dict[st
             if s.name in stale or s.name in ran:
                 continue
             if any(changes(producer, s, dep) for out, producer in produced.items() for dep in s.deps
-                   if producer != s.name and dag._produces(out, dep)):
+                   if producer != s.name and dag.produces(out, dep)):
                 stale.add(s.name)
                 grew = True
     return [s.name for s in stages.values() if s.name in stale and s.name != running]
@@ -117,10 +125,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data))
 
 
 def _clock(seconds: float) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 TIMING_KEYS = ("tokens_per_s", "train_wall_time_s", "context_cache_s", "wall_time_s", "peak_gpu_bytes")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -21,7 +21,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:
-    _atomic_write(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    atomic_write(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return path
 
 

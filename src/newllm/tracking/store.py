@@ -105,11 +105,16 @@ def init_store(params: Params | None = None) -> tuple[Any, str]:
     return client, exp_id
 
 
+def run_page(base: str, exp_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI served at `base`."""
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+
+
 def run_url(params: Params, exp_id: str, run_id: str) -> str:
     """Where to see a run: its page on a tracking server, else the local store (open it with `make ui`)."""
     uri = tracking_uri(params)
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+        return run_page(uri, exp_id, run_id)
     return f"{uri}; `make ui` shows it"
 
 

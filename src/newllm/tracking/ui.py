@@ -18,7 +18,7 @@ from newllm.config import Params
 from newllm.errors import PipelineError
 from newllm.gitinfo import file_at
 from newllm.tracking.naming import HEADLINE, PARENT_TAG, STUDY_TAG, SUMMARY, _log_params
-from newllm.tracking.store import tracking_uri
+from newllm.tracking.store import run_page, tracking_uri
 
 # The UI's "Share" view: an experiment tag holding a runs-table state, opened by `?viewStateShareKey=<key>`.
 SHARED_VIEW_TAG, ANSWER_VIEW = "mlflow.sharedViewState.", "answer"
@@ -36,12 +36,12 @@ ANSWER_SORT = "newllm_test_ppl"  # the report's headline: the runs table ranks t
 def ui_run_url(params: Params, exp_id: str, run_id: str) -> str:
     """A run's page in the MLflow UI, in its model-training view: on the tracking server, else on the one
     `make ui` serves over the local store (its default port)."""
-    uri = tracking_uri(params)
-    base, later = (uri.rstrip("/"), "") if uri.startswith(("http://", "https://")) else (
-        "http://127.0.0.1:5000", " (once `make ui` serves this store)")
     from urllib.parse import urlencode
 
-    return f"{base}/#/experiments/{exp_id}/runs/{run_id}?{urlencode(ML_MODE)}{later}"
+    uri = tracking_uri(params)
+    base, later = (uri, "") if uri.startswith(("http://", "https://")) else (
+        "http://127.0.0.1:5000", " (once `make ui` serves this store)")
+    return f"{run_page(base, exp_id, run_id)}?{urlencode(ML_MODE)}{later}"
 
 
 def answer_view(changed: list[str], headline: list[str]) -> dict[str, Any]:
