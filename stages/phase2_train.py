@@ -23,7 +23,6 @@ def main(params, run, cell) -> None:
     import torch
 
     from newllm.config import stages
-    from newllm.data.disk_array import scratch_tensor
     from newllm.data.token_cache import load_cache
     from newllm.models import factory
     from newllm.models.cvfp import NewLLM, Phase2Model
@@ -31,8 +30,8 @@ def main(params, run, cell) -> None:
     from newllm.report.figures import lm_curves
     from newllm.training import checkpoint
     from newllm.training.checkpoint import CheckpointError
+    from newllm.training.context_cache import build_caches
     from newllm.training.lm_stage import fit_lm
-    from newllm.training.phase1 import compute_contexts, context_cache_shape, prefix_layout
     from newllm.training.trainer import resolve_device
 
     cache = load_cache()
@@ -53,25 +52,10 @@ def main(params, run, cell) -> None:
     llm.to(device)
     model = Phase2Model(llm)  # freezes embedding + ContextBlock
 
-    # The ContextBlock is frozen, so every position's contexts are computed once (exact recurrence).
-    # Val/test contexts restart at each evaluation row, as the recurrent baselines' state does, so no
-    # model sees more past than another on the tokens they are all scored on.
+    # The ContextBlock is frozen, so every position's contexts are computed once (exact recurrence)
     t0 = time.perf_counter()
-    extras = {}
-    for split in ("train", "val", "test"):
-        ids = torch.from_numpy(getattr(cache, split).astype("int64"))
-        if not ids.numel():
-            continue
-        streams = params.phase2.streams if split == "train" else params.eval_batch_size
-        if split == "train":  # only the prefix the trainer reads, in the whole stream's layout
-            n_ids, streams = prefix_layout(len(ids), streams, params.phase2.max_tokens)
-            ids = ids[:n_ids]
-        if split != "train":
-            ids = ids[: len(ids) // streams * streams]
-        storage = scratch_tensor(context_cache_shape(llm, len(ids), streams), path=TMP / f"{split}.bin")
-        if not isinstance(storage, torch.Tensor):
-            print(f"phase2_train: {split} contexts ({storage.numel() * 4 / 2**30:.1f} GiB) kept on disk in {TMP}")
-        extras[split] = {"contexts": compute_contexts(llm, ids, streams=streams, device=device, out=storage)}
+    extras = build_caches(llm, cache, params.phase2.streams, params.phase2.max_tokens, params.eval_batch_size,
+                          TMP, device)
     cache_s = time.perf_counter() - t0
     run.log_params({"lr": cell.lr})
     final, history = fit_lm(run, model, cache, params.phase2, lr=cell.lr, seed=cell.seed, device=params.device,

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from helpers import default_params
 
 from newllm.models.cvfp import NewLLM, Phase2Model
-from newllm.training import phase1
+from newllm.training import phase1, phase1_chunks
+from newllm.training.context_cache import compute_contexts
 from newllm.training.phase1 import (
-    compute_contexts,
     cvfp_losses,
     parallel_contexts,
     sequential_pass,
@@ -336,7 +336,7 @@ def test_compute_contexts_into_disk_backed_storage_gives_the_same_numbers(tmp_pa
     """Phase 2's cache when it does not fit in RAM: a DiskArray filled chunk by chunk, same numbers, and the
     trainer reads it in windows to the same history as from RAM."""
     from newllm.data.disk_array import DiskArray
-    from newllm.training.phase1 import context_cache_shape
+    from newllm.training.context_cache import context_cache_shape
     from newllm.training.trainer import train_lm
 
     torch.manual_seed(0)
@@ -441,10 +441,11 @@ def test_chunked_step_accumulates_the_full_batch_gradient(over, tmp_path):
 
     disk = DiskArray.empty(tmp_path / "P.bin", P.shape)
     disk[:, 0:N] = P
-    frozen = torch.optim.SGD(params, lr=0.0)  # the step leaves the weights (and p.grad) as they are
-    last = phase1.RowSample(S, N, DC, 10_000, torch.Generator())
-    losses, norm, converged = phase1.chunked_step(model, streams, disk, P0, phase1.chunk_spans(N, 7), cfg,
-                                                  torch.Generator(), frozen, params, "test", math.nan, last)
+    last = phase1_chunks.RowSample(S, N, DC, 10_000, torch.Generator())
+    model.zero_grad(set_to_none=True)
+    losses, converged = phase1_chunks.chunked_step(lambda s, x: phase1.block_outputs(model, s, x), streams, disk, P0,
+                                                   phase1_chunks.chunk_spans(N, 7), cfg, torch.Generator(), params,
+                                                   "test", math.nan, last)
     for got, w in zip(losses, want, strict=True):
         assert got == pytest.approx(w.item(), rel=1e-5, abs=1e-7)
     for p, g in zip(params, grads, strict=True):
@@ -488,7 +489,7 @@ def test_chunked_phase1_in_memory_equals_on_disk(tmp_path, monkeypatch):
 @pytest.mark.parametrize("n, streams, prefix", [(301, 4, 90), (301, 4, 76), (301, 4, 0), (301, 1, 50), (300, 7, 299)])
 def test_a_prefix_cache_holds_the_whole_layouts_contexts(n, streams, prefix):
     """Phase 2 caches only the streams holding phase2.max_tokens, with the whole stream's boundaries."""
-    from newllm.training.phase1 import prefix_layout
+    from newllm.training.context_cache import prefix_layout
 
     model, ids = tiny().eval(), stream(n)
     n_ids, s = prefix_layout(n, streams, prefix)

@@ -308,7 +308,7 @@ class Phase2Model(nn.Module):
     """Phase 2 view of a NewLLM: embedding and ContextBlock frozen, contexts supplied from a cache.
 
     Called by the generic trainer as `model(x, state, contexts=...)`, with contexts (B, T, L, Dc) the
-    per-position, per-layer contexts of x's positions (see newllm.training.phase1.compute_contexts); no
+    per-position, per-layer contexts of x's positions (see newllm.training.context_cache.compute_contexts); no
     state is carried (the cache already holds every position's past). The wrapped model is `self.llm`, so
     after training it is the full NewLLM, ready for generation with its exact recurrence.
     """

@@ -68,6 +68,12 @@ def effective_rank(matrix: Tensor, max_rows: int = 10000, generator: torch.Gener
     return math.exp(-(p * p.log()).sum().item())
 
 
+def effective_rank_pct(contexts: Tensor, max_rows: int, gen: torch.Generator | None) -> tuple[float, float]:
+    """contexts (..., Dc) -> (ER, 100 * ER / Dc) of their rows (at most max_rows, drawn from gen)."""
+    er = effective_rank(contexts.reshape(-1, contexts.size(-1)), max_rows=max_rows, generator=gen)
+    return er, 100.0 * er / contexts.size(-1)
+
+
 def convergence_rate(curr: Tensor, prev: Tensor, threshold: float) -> float:
     """Share of tokens t with mean_d (curr[t] - prev[t])^2 < threshold; curr, prev (..., tokens, dim)."""
     if curr.shape != prev.shape:

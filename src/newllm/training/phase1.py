@@ -1,4 +1,4 @@
-"""Phase 1 of CVFP: fixed-point training of the ContextBlock (docs/research.md §3), and the context cache of Phase 2.
+"""Phase 1 of CVFP: fixed-point training of the ContextBlock (docs/research.md §3): the algorithm and its driver.
 
 Pure training code: no MLflow, no files. The stage logs what the callback and `Phase1Result` report.
 
@@ -43,8 +43,8 @@ final sequential check, val ER, `compute_contexts`) run in fp32 everywhere.
 
 Streams: `cfg.streams` = S cuts the training prefix into S contiguous chunks of N // S tokens (the < S
 leftover tokens are dropped); each chunk is its own stream (zero context at its start), and all S x N
-positions form one batch. `compute_contexts` uses the same layout, but pads instead of dropping, so it
-returns a context for every position.
+positions form one batch. Chunks and DDP shards (cfg.chunk_tokens, torchrun) are in phase1_chunks.py;
+Phase 2's context cache (the same layout, padded instead of dropped) in context_cache.py.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,11 +64,17 @@ from newllm import distributed
 from newllm.config import Phase1Config
 from newllm.data.disk_array import scratch_tensor
 from newllm.models.cvfp import NewLLM
-from newllm.training.metrics import convergence_rate, effective_rank
+from newllm.training.metrics import convergence_rate, effective_rank_pct
+from newllm.training.phase1_chunks import (
+    FirstContext,
+    RowSample,
+    boundary_context,
+    chunk_spans,
+    chunked_step,
+    exact_chunks,
+    iterate_chunks,
+)
 from newllm.training.trainer import autocast, check_finite, resolve_device
-
-FirstContext = Literal["zero", "wrap"]
-CACHE_CHUNK_POSITIONS = 32768  # positions (over all streams) compute_contexts holds at a time: ~130 MB at L x Dc = 2 x 512
 
 
 @dataclass
@@ -136,58 +142,6 @@ def parallel_contexts(model: NewLLM, stream_ids: Tensor, prev: Tensor, first: Fi
     return torch.stack(outs, dim=1).reshape(S, N, len(outs), -1)
 
 
-def context_cache_shape(model: NewLLM, n_tokens: int, streams: int = 1) -> tuple[int, int, int]:
-    """The (rows, L, Dc) storage compute_contexts fills for n_tokens (S streams padded to equal length)."""
-    S = max(1, min(streams, n_tokens))
-    return S * math.ceil(n_tokens / S), model.num_context_layers, model.context_dim
-
-
-def prefix_layout(n_tokens: int, streams: int, prefix: int) -> tuple[int, int]:
-    """(tokens, streams) for compute_contexts to give a stream's first `prefix` positions the very contexts
-    of its whole-stream layout (S streams of ceil(N / S)): only the streams that hold the prefix, each as long."""
-    n = -(-n_tokens // streams)
-    k = min(streams, -(-prefix // n)) if prefix else streams
-    return min(n_tokens, k * n), k
-
-
-@torch.no_grad()
-def compute_contexts(model: NewLLM, ids: Tensor, streams: int = 1, chunk: int = 2048,
-                     dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
-                     out: Tensor | None = None) -> Tensor:
-    """Phase 2's cache: (N,) token ids -> (N, L, Dc) per-position, per-layer contexts, on the CPU.
-
-    One no-grad pass of the exact recurrence with the (frozen) ContextBlock: the context is carried from
-    token to token, never reset per token (the research's bug 3). The stream is cut into S contiguous
-    chunks (ceil(N / S) tokens; the last padded at its end, the padding's outputs discarded) run as one
-    batch, each starting from zero; S = 1 is the single-stream recurrence. `chunk` bounds the positions
-    of a stream embedded at a time, and CACHE_CHUNK_POSITIONS those of all S streams (memory stays flat
-    whatever S and N), the context being carried across chunks; `dtype` is the stored dtype
-    (bf16 halves the cache; Phase2Model casts it back). `out` (shape `context_cache_shape`) is storage
-    to fill instead of a new in-memory tensor, e.g. a DiskArray when the cache does not fit in RAM: it is
-    filled chunk by chunk, with the same numbers. Computed in fp32 on every device (no autocast):
-    under bf16 the rounding compounds along the recurrence (cos down to 0.91 against fp32 at D = 256 on
-    an H100), and this loop is launch-bound on a GPU anyway.
-    """
-    if ids.dim() != 1:
-        raise ValueError(f"compute_contexts wants a 1-D token stream, got shape {tuple(ids.shape)}")
-    p = next(model.parameters())
-    device = p.device if device is None else torch.device(device)
-    n_tok = ids.numel()
-    S = max(1, min(streams, n_tok))
-    n = math.ceil(n_tok / S)
-    grid = torch.cat([ids, ids.new_zeros(S * n - n_tok)]).reshape(S, n)
-    shape = (S, n, model.num_context_layers, model.context_dim)
-    if out is None:
-        out = torch.empty(shape, dtype=dtype)
-    elif out.shape != (S * n, *shape[2:]):
-        raise ValueError(f"out has shape {tuple(out.shape)}, want {(S * n, *shape[2:])} (context_cache_shape)")
-    out = out.reshape(shape)  # a view of a Tensor; a DiskArray is written slab by slab
-    c, step = None, max(1, min(chunk, CACHE_CHUNK_POSITIONS // S))
-    for s in range(0, n, step):
-        ctx, c = model.sequential_contexts(grid[:, s:s + step].to(device), initial=c)
-        out[:, s:s + step] = ctx.to(dtype).cpu()
-    return out.reshape(S * n, *out.shape[2:])[:n_tok]
-
 
 # ----------------------------------------------------------------------------------------------- training
 def add_noise(x: Tensor, std: float, gen: torch.Generator | None) -> Tensor:
@@ -248,12 +202,6 @@ def clip_and_step(opt: torch.optim.Optimizer, params: list[Tensor], grad_clip: f
     return norm.item()
 
 
-def effective_rank_pct(contexts: Tensor, max_rows: int, gen: torch.Generator) -> tuple[float, float]:
-    """contexts (..., Dc) -> (ER, 100 * ER / Dc) of their rows (at most max_rows, drawn from gen)."""
-    er = effective_rank(contexts.reshape(-1, contexts.size(-1)), max_rows=max_rows, generator=gen)
-    return er, 100.0 * er / contexts.size(-1)
-
-
 def iteration_metrics(losses: tuple[Tensor, Tensor, Tensor], grad_norm: float, C: Tensor, P: Tensor,
                       cfg: Phase1Config, er_gen: torch.Generator, step_time: float) -> dict[str, float]:
     """Iteration k's metrics but time_s: the last step's losses, C = C^(k) and P = P^(k-1) (S, N, Dc)."""
@@ -263,131 +211,63 @@ def iteration_metrics(losses: tuple[Tensor, Tensor, Tensor], grad_norm: float, C
             "convergence_rate": convergence_rate(C, P, cfg.convergence_threshold), "step_time_s": step_time}
 
 
-# ----------------------------------------------------------------------------------------------- chunks
-# A corpus too large for one batched pass goes through in chunks of positions (cfg.chunk_tokens over all
-# streams). The iterate P lives in `scratch_tensor` storage (on disk when large) and is updated in place,
-# chunk by chunk, left to right: the one context a chunk needs from before it, P[:, a-1], is carried.
-def chunk_spans(n: int, size: int) -> list[tuple[int, int]]:
-    """[a, b) position ranges of length `size` (the last shorter) covering [0, n)."""
-    return [(a, min(a + size, n)) for a in range(0, n, max(1, size))]
+@dataclass
+class _Run:
+    """What every iteration of one train_phase1 call shares."""
+    model: NewLLM
+    cfg: Phase1Config
+    streams: Tensor  # (S, N) this rank's positions of every stream, on the device
+    spans: list[tuple[int, int]]  # chunk position ranges of N (one span: a single pass)
+    T: int  # positions over all ranks
+    lo: int  # this rank's first position
+    opt: torch.optim.Optimizer
+    params: list[Tensor]
+    noise_gen: torch.Generator
+    er_gen: torch.Generator
 
 
-def boundary_context(P, first: FirstContext, device: torch.device) -> Tensor:
-    """The input context of an iterate P's (S, N, Dc) first position, (S, 1, Dc): a stream start's (zero,
-    or "wrap": P[:, N-1]) or, when the ranks hold consecutive position shards (DDP), the previous rank's
-    last column of P (one all-gather: the one-token lag of a Jacobi step, as at a chunk boundary). A
-    collective: every rank calls it, before any rank overwrites its P."""
-    S, N, Dc = P.shape
-    last = P[:, N - 1:N].to(device).clone()
-    if distributed.world_size() == 1:
-        return last if first == "wrap" else torch.zeros(S, 1, Dc, device=device)
-    cols, r = distributed.all_gather(last), distributed.rank()
-    return cols[r - 1] if r > 0 else (cols[-1] if first == "wrap" else torch.zeros_like(last))
+def dense_iteration(run: _Run, P: Tensor, P0: Tensor, k: int, last_loss: float) -> tuple[dict, Tensor, float]:
+    """Iteration k over all positions in one batched pass -> (metrics but time_s, P^(k), last loss)."""
+    m, cfg, (S, N), Dc = run.model, run.cfg, run.streams.shape, run.model.context_dim
+    forward = parallel_iteration if cfg.mode == "parallel" else sequential_iteration  # looked up per call: tests spy
+    target = (P0 if cfg.target == "fixed" else P).reshape(-1, Dc)
+    t0 = time.perf_counter()
+    for step in range(cfg.steps_per_iteration):  # each a fresh forward from the same P, fresh noise
+        _, C = forward(m, run.streams, P, cfg.first_context, cfg.noise, run.noise_gen)
+        losses = cvfp_losses(C, target, cfg.dist_reg_weight)
+        check_finite(losses[2].item(), f"iteration {k} step {step + 1}", last_loss)
+        grad_norm = optimizer_step(run.opt, run.params, losses[2], cfg.grad_clip)
+        check_finite(grad_norm, f"iteration {k} step {step + 1} (gradient norm)", last_loss)
+        last_loss = losses[2].item()
+    C = C.detach().reshape(S, N, Dc)
+    _sync(run.streams.device)
+    metrics = iteration_metrics(losses, grad_norm, C, P, cfg, run.er_gen, step_time=time.perf_counter() - t0)
+    return metrics, C, last_loss  # the last step's outputs are P^(k), carried on (never reset: bug 2)
 
 
-def iterate_chunks(P, spans: list[tuple[int, int]], carry: Tensor, device: torch.device):
-    """For each chunk [a, b) of an iterate P (S, N, Dc) -> (a, b, inputs, old): old = P[:, a:b] and inputs its
-    shift (position t gets P[:, t-1]; the first position `carry`, from boundary_context), both (S, b-a, Dc)
-    on `device` and read before the caller may overwrite P[:, a:b]."""
-    for a, b in spans:
-        old = P[:, a:b].to(device)
-        inputs, next_carry = torch.cat([carry, old[:, :-1]], dim=1), old[:, -1:].clone()  # before the caller
-        yield a, b, inputs, old  # may overwrite P[:, a:b] (old is then a view of the new values)
-        carry = next_carry
+def chunked_iteration(run: _Run, P, P0, k: int, last_loss: float) -> tuple[dict, Any, float]:
+    """Iteration k a chunk (and a rank's shard) at a time, P updated in place -> (metrics but time_s, P, loss)."""
+    m, cfg, (S, _), Dc = run.model, run.cfg, run.streams.shape, run.model.context_dim
 
+    def forward(streams: Tensor, inputs: Tensor) -> Tensor:
+        return block_outputs(m, streams, add_noise(inputs, cfg.noise, run.noise_gen))
 
-@torch.no_grad()
-def exact_chunks(model: NewLLM, streams: Tensor, spans: list[tuple[int, int]]):
-    """The exact recurrence over streams (S, N), chunk by chunk with the context carried ->
-    (a, b, last-layer contexts (S, b-a, Dc)). fp32 (see sequential_pass). Over position shards (DDP) a
-    relay: this rank starts from the context the previous rank ended with (the recurrence is sequential)."""
-    c = distributed.receive_from_previous(streams.new_zeros(streams.size(0), model.context_dim, dtype=torch.float32))
-    for a, b in spans:
-        ctx, c = model.sequential_contexts(streams[:, a:b], initial=c)
-        yield a, b, ctx[..., -1, :]
-    distributed.pass_to_next(c)
-
-
-class RowSample:
-    """The rows `effective_rank(C.reshape(-1, Dc), max_rows, gen)` would draw from an (S, N, Dc) C (the same
-    draw from `gen`), gathered chunk by chunk, so a chunked ER equals the one-pass ER. Under DDP each rank
-    adds the rows of its positions (from `offset` on) and `er` sums them over ranks."""
-
-    def __init__(self, S: int, N: int, Dc: int, max_rows: int, gen: torch.Generator, offset: int = 0):
-        idx = torch.randperm(S * N, generator=gen)[:max_rows] if S * N > max_rows else torch.arange(S * N)
-        self.s, self.t, self.rows, self.offset = idx // N, idx % N - offset, torch.zeros(len(idx), Dc), offset
-
-    def add(self, a: int, b: int, C: Tensor) -> None:
-        m = (self.t >= a) & (self.t < b)
-        self.rows[m] = C[self.s[m].to(C.device), (self.t[m] - a).to(C.device)].float().cpu()
-
-    def er(self, max_rows: int) -> tuple[float, float]:
-        return effective_rank_pct(distributed.all_sum(self.rows), max_rows, None)
-
-
-def chunked_step(model: NewLLM, streams: Tensor, P, P0, spans: list[tuple[int, int]], cfg: Phase1Config,
-                 gen: torch.Generator, opt: torch.optim.Optimizer, params: list[Tensor], where: str,
-                 last_loss: float, last: RowSample | None = None,
-                 positions: int | None = None) -> tuple[tuple[float, float, float], float, int]:
-    """One optimiser step of a parallel iteration over every position, a chunk at a time, equal to the
-    one-pass step up to float error -> ((cvfp, diversity, total), grad norm, converged positions).
-
-    The diversity term -||C - mean C||_F / T couples all positions, but its gradient is local once mean C
-    (mu) and the norm are known: -(C_t - mu) / (norm * T). So pass A (no grad) gathers mu, the norm and the
-    cvfp error; pass B reruns each chunk with grad, from the same noise, and backpropagates the loss whose
-    gradient is the full-batch one. With `last` (the iteration's last step), pass B also writes C over P
-    (in place, its metrics' rows into `last`) and counts the positions within the convergence threshold.
-
-    Under DDP each rank holds a block of the positions (`positions` in all): pass A's sums and pass B's
-    gradients are summed over ranks (by hand, as DDP's reducer would: a rank backpropagates once per
-    chunk, and the ranks' chunk counts may differ), so every rank takes the one full-batch step.
-    """
-    S, N = streams.shape
-    T, Dc, w, device = positions or S * N, model.context_dim, cfg.dist_reg_weight, streams.device
-    carry = boundary_context(P, cfg.first_context, device)
-    noise_state = gen.get_state()
-
-    def outputs(a: int, b: int, inputs: Tensor) -> Tensor:
-        return block_outputs(model, streams[:, a:b], add_noise(inputs, cfg.noise, gen)).reshape(S, b - a, Dc)
-
-    def target(a: int, b: int, old: Tensor) -> Tensor:
-        return P0[:, a:b].to(device) if cfg.target == "fixed" else old
-
-    total, sq, err = torch.zeros(Dc, dtype=torch.float64, device=device), 0.0, 0.0
-    with torch.no_grad():
-        for a, b, inputs, old in iterate_chunks(P, spans, carry, device):
-            C = outputs(a, b, inputs).double()
-            total += C.sum(dim=(0, 1))
-            sq += C.pow(2).sum().item()
-            err += (C - target(a, b, old)).pow(2).sum().item()
-    if distributed.world_size() > 1:
-        sums = distributed.all_sum(torch.cat([total, torch.tensor([sq, err], dtype=torch.float64, device=device)]))
-        total, sq, err = sums[:Dc], sums[Dc].item(), sums[Dc + 1].item()
-    mu = (total / T).float()
-    norm = math.sqrt(max(sq - T * (total / T).pow(2).sum().item(), 0.0))
-    cvfp, diversity = err / (T * Dc), -norm / T
-    losses = (cvfp, diversity, (1.0 - w) * cvfp + w * diversity)
-    check_finite(losses[2], where, last_loss)
-
-    gen.set_state(noise_state)  # pass B draws pass A's noise
-    opt.zero_grad(set_to_none=True)
-    converged = 0
-    for a, b, inputs, old in iterate_chunks(P, spans, carry, device):
-        C = outputs(a, b, inputs)
-        div_grad = (C.detach() - mu) / (norm * T) if norm > 0 else torch.zeros_like(C)
-        loss = (1.0 - w) * (C - target(a, b, old)).pow(2).sum() / (T * Dc) - w * (C * div_grad).sum()
-        loss.backward()
-        if last is not None:
-            C = C.detach()
-            converged += int(((C - old).pow(2).mean(dim=-1) < cfg.convergence_threshold).sum())
-            last.add(a, b, C)
-            P[:, a:b] = C
-    if distributed.world_size() > 1:
-        for p in params:
-            if p.grad is not None:
-                distributed.all_sum(p.grad)
-        converged = int(distributed.all_sum(torch.tensor(converged)))
-    return losses, clip_and_step(opt, params, cfg.grad_clip), converged
+    t0 = time.perf_counter()
+    for step in range(cfg.steps_per_iteration):  # each a fresh pass from the same P, fresh noise
+        last = (RowSample(S, run.T // S, Dc, cfg.er_max_rows, run.er_gen, offset=run.lo)
+                if step + 1 == cfg.steps_per_iteration else None)
+        run.opt.zero_grad(set_to_none=True)
+        losses, n_conv = chunked_step(forward, run.streams, P, P0, run.spans, cfg, run.noise_gen, run.params,
+                                      f"iteration {k} step {step + 1}", last_loss, last, run.T)
+        grad_norm = clip_and_step(run.opt, run.params, cfg.grad_clip)
+        check_finite(grad_norm, f"iteration {k} step {step + 1} (gradient norm)", last_loss)
+        last_loss = losses[2]
+    _sync(run.streams.device)
+    er, er_pct = last.er(cfg.er_max_rows)
+    metrics = {"cvfp_loss": losses[0], "diversity_loss": losses[1], "total_loss": losses[2],
+               "grad_norm": grad_norm, "er": er, "er_pct": er_pct, "convergence_rate": n_conv / run.T,
+               "step_time_s": time.perf_counter() - t0}
+    return metrics, P, last_loss
 
 
 def _sync(device: torch.device) -> None:
@@ -455,8 +335,9 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
         gain = getattr(model.context_block.layers[-1].norm, "weight", None)
         params = [p for p in params if p is not gain]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
-    forward = parallel_iteration if cfg.mode == "parallel" else sequential_iteration
     scratch = Path(scratch) if scratch is not None and chunked else None
+    run = _Run(model, cfg, streams, spans, T, lo, opt, params, noise_gen, er_gen)
+    iterate = chunked_iteration if chunked else dense_iteration
 
     if resume is None:  # iteration 0: the exact recurrence, no learning -> P^(0)
         t0 = time.perf_counter()
@@ -492,33 +373,7 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     converged = False
     for k in range(first, cfg.iterations):
         t0 = time.perf_counter()
-        if chunked:
-            for step in range(cfg.steps_per_iteration):  # each a fresh pass from the same P, fresh noise
-                last = (RowSample(S, T // S, Dc, cfg.er_max_rows, er_gen, offset=lo)
-                        if step + 1 == cfg.steps_per_iteration else None)
-                losses, grad_norm, n_conv = chunked_step(model, streams, P, P0, spans, cfg, noise_gen, opt, params,
-                                                         f"iteration {k} step {step + 1}", last_loss, last, T)
-                check_finite(grad_norm, f"iteration {k} step {step + 1} (gradient norm)", last_loss)
-                last_loss = losses[2]
-            _sync(device)
-            step_time = time.perf_counter() - t0
-            er, er_pct = last.er(cfg.er_max_rows)
-            metrics = {"cvfp_loss": losses[0], "diversity_loss": losses[1], "total_loss": losses[2],
-                       "grad_norm": grad_norm, "er": er, "er_pct": er_pct, "convergence_rate": n_conv / T,
-                       "step_time_s": step_time}
-        else:
-            target = (P0 if cfg.target == "fixed" else P).reshape(-1, Dc)
-            for step in range(cfg.steps_per_iteration):  # each a fresh forward from the same P, fresh noise
-                _, C = forward(model, streams, P, cfg.first_context, cfg.noise, noise_gen)
-                losses = cvfp_losses(C, target, cfg.dist_reg_weight)
-                check_finite(losses[2].item(), f"iteration {k} step {step + 1}", last_loss)
-                grad_norm = optimizer_step(opt, params, losses[2], cfg.grad_clip)
-                check_finite(grad_norm, f"iteration {k} step {step + 1} (gradient norm)", last_loss)
-                last_loss = losses[2].item()
-            C = C.detach().reshape(S, N, Dc)
-            _sync(device)
-            metrics = iteration_metrics(losses, grad_norm, C, P, cfg, er_gen, step_time=time.perf_counter() - t0)
-            P = C  # the last step's outputs, carried on (never reset: bug 2)
+        metrics, P, last_loss = iterate(run, P, P0, k, last_loss)
         metrics["time_s"] = time.perf_counter() - t0
         conv = metrics["convergence_rate"]
         history.append(metrics)
