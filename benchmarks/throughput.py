@@ -62,8 +62,9 @@ def measure(name: str, a: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from newllm.models.factory import count_params
+    from newllm.training.batches import detach_state
     from newllm.training.context_cache import compute_contexts
-    from newllm.training.trainer import autocast, detach_state, resolve_device
+    from newllm.training.trainer import autocast, resolve_device
 
     torch.set_num_threads(a.threads) if a.threads else None
     device = resolve_device(a.device)

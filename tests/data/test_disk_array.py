@@ -5,7 +5,7 @@ import torch
 
 from newllm.data import disk_array
 from newllm.data.disk_array import DiskArray, scratch_tensor
-from newllm.training.trainer import batchify
+from newllm.training.batches import batchify
 
 
 def test_slabs_round_trip_like_a_tensor(tmp_path):

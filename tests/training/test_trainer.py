@@ -12,15 +12,8 @@ from newllm.models.cvp import CVPLM
 from newllm.models.lstm import LSTMLM
 from newllm.models.transformer import TransformerLM
 from newllm.registry import TrainConfig
-from newllm.training.trainer import (
-    batchify,
-    cosine_lr,
-    detach_state,
-    evaluate,
-    sliding_windows,
-    train_lm,
-    windows,
-)
+from newllm.training.batches import batchify, detach_state, sliding_windows, windows
+from newllm.training.trainer import cosine_lr, evaluate, train_lm
 
 V = 20
 

@@ -51,7 +51,7 @@ def match_width(target_params: int, vocab_size: int, n_layer: int, n_head: int, 
 
 
 class TransformerLM(nn.Module):
-    windowed = True  # sees only its input window: evaluation slides it (trainer.sliding_windows)
+    windowed = True  # sees only its input window: evaluation slides it (batches.sliding_windows)
 
     def __init__(self, vocab_size: int, n_layer: int, n_head: int, n_embd: int, seq_len: int,
                  dropout: float = 0.1):

@@ -38,6 +38,39 @@ class Document:
     def code(self, text: str) -> None:
         self.parts.append(("pre", text))
 
+    def fill(self, template: str, values: dict[str, object], blocks: dict[str, tuple[str, object]]) -> None:
+        """Add a Markdown template's parts: `## ` headings, `- ` bullets, `[[name]]` lines (blocks[name], a
+        (kind, payload) part: a table or figure) and paragraphs (consecutive lines), every `{key}` filled
+        from `values` (str.format). A bullet that is just `- {key}` with a list value becomes one bullet per
+        item; a bullet or paragraph that fills to nothing is left out."""
+        para: list[str] = []
+
+        def end_paragraph() -> None:
+            if para and (text := " ".join(para).format_map(values).strip()):
+                self.text(text)
+            para.clear()
+
+        for line in template.splitlines():
+            bare = line.strip()
+            if not bare.startswith("- ") and bare and not bare.startswith(("## ", "[[")):
+                para.append(bare)
+                continue
+            end_paragraph()
+            if bare.startswith("## "):
+                self.heading(bare[3:].format_map(values))
+            elif bare.startswith("[["):
+                self.parts.append(blocks[bare.strip("[]")])
+            elif bare.startswith("- "):
+                key = bare[2:].strip("{}")
+                items = values[key] if bare[2:] == f"{{{key}}}" and isinstance(values.get(key), list) else \
+                    [bare[2:].format_map(values)]
+                items = [str(i).strip() for i in items if str(i).strip()]
+                if self.parts and self.parts[-1][0] == "ul":  # consecutive bullets: one list
+                    self.parts[-1][1].extend(items)
+                elif items:
+                    self.bullets(items)
+        end_paragraph()
+
     def markdown(self, relative_to: Path) -> str:
         out = [f"# {self.title}", ""]
         for kind, payload in self.parts:

@@ -68,11 +68,11 @@ from newllm.training.metrics import convergence_rate, effective_rank_pct
 from newllm.training.phase1_chunks import (
     FirstContext,
     RowSample,
-    boundary_context,
     chunk_spans,
     chunked_step,
     exact_chunks,
-    iterate_chunks,
+    exact_er,
+    parallel_vs_exact,
 )
 from newllm.training.trainer import autocast, check_finite, resolve_device
 
@@ -189,14 +189,8 @@ def cvfp_losses(C: Tensor, target: Tensor, w: float) -> tuple[Tensor, Tensor, Te
     return cvfp, diversity, (1.0 - w) * cvfp + w * diversity
 
 
-def optimizer_step(opt: torch.optim.Optimizer, params: list[Tensor], loss: Tensor, grad_clip: float) -> float:
-    """One backward + clipped Adam step -> the gradient norm before clipping (grad_clip 0 = off)."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    return clip_and_step(opt, params, grad_clip)
-
-
 def clip_and_step(opt: torch.optim.Optimizer, params: list[Tensor], grad_clip: float) -> float:
+    """A clipped Adam step -> the gradient norm before clipping (grad_clip 0 = off)."""
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     opt.step()
     return norm.item()
@@ -236,7 +230,9 @@ def dense_iteration(run: _Run, P: Tensor, P0: Tensor, k: int, last_loss: float) 
         _, C = forward(m, run.streams, P, cfg.first_context, cfg.noise, run.noise_gen)
         losses = cvfp_losses(C, target, cfg.dist_reg_weight)
         check_finite(losses[2].item(), f"iteration {k} step {step + 1}", last_loss)
-        grad_norm = optimizer_step(run.opt, run.params, losses[2], cfg.grad_clip)
+        run.opt.zero_grad(set_to_none=True)
+        losses[2].backward()
+        grad_norm = clip_and_step(run.opt, run.params, cfg.grad_clip)
         check_finite(grad_norm, f"iteration {k} step {step + 1} (gradient norm)", last_loss)
         last_loss = losses[2].item()
     C = C.detach().reshape(S, N, Dc)
@@ -292,18 +288,8 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     over val_ids, same stream layout) and `sequential_cosine` (skipped, NaN, with check_sequential=False).
     `seed` seeds the input noise and the ER row subsampling; the weights are the caller's.
 
-    Chunks: with more than cfg.chunk_tokens positions (parallel mode), every pass runs a chunk at a time
-    (`chunked_step`), the same update up to float error (with noise 0: the chunks draw their noise
-    separately), and the iterates go to disk under `scratch` when large (`scratch_tensor`): memory is
-    O(chunk). Such a run keeps no resume checkpoint (its iterate is the size of the corpus): it restarts.
-
-    Under torchrun (distributed.py) each rank holds a contiguous block of the positions of every stream and
-    runs the chunked step on it: a shard's first input context is the previous rank's last one from the
-    previous iterate (the one-token lag a Jacobi step has anyway), pass A's sums and the gradients are
-    summed over ranks, so the update is the one-process step up to float sums (noise 0; with noise, each
-    rank draws its own). The exact passes (iteration 0, the final checks, val ER) are sequential along a
-    stream: they run as a relay, rank r from the context rank r - 1 ended with. Parallel mode only; no
-    resume checkpoint (as for chunks).
+    With more than cfg.chunk_tokens positions, or under torchrun, every pass runs a chunk (and a rank's
+    shard) at a time: phase1_chunks.py says how, and why it is the same update.
 
     A non-finite loss or gradient norm raises Diverged in the step it appears. Resume: `on_checkpoint(state)`
     gets the whole state after an iteration once `checkpoint_every_s` passed since the last save;
@@ -394,26 +380,15 @@ def train_phase1(model: NewLLM, train_ids: Tensor, cfg: Phase1Config, *, seed: i
     # more (no-grad, noiseless) Jacobi step from it is what the trained block's parallel pass gives.
     cosine, train_er, train_er_pct = math.nan, history[-1]["er"], history[-1]["er_pct"]
     if check_sequential:  # how far the parallel contexts are from the exact recurrence's, same weights
-        cos_sum, rows = 0.0, RowSample(S, T // S, Dc, cfg.er_max_rows, er_gen, offset=lo)
-        carry = boundary_context(P, cfg.first_context, device)  # before the relay: every rank gathers first
-        with torch.no_grad():
-            for (a, b, exact), (_, _, inputs, _) in zip(exact_chunks(model, streams, spans),
-                                                        iterate_chunks(P, spans, carry, device), strict=True):
-                C = block_outputs(model, streams[:, a:b], inputs).reshape(S, b - a, Dc)
-                cos_sum += F.cosine_similarity(C, exact, dim=-1).mean().item() * (S * (b - a)) / T
-                rows.add(a, b, exact)
-        cosine = distributed.all_sum(torch.tensor(cos_sum, dtype=torch.float64)).item() if world > 1 else cos_sum
+        rows = RowSample(S, T // S, Dc, cfg.er_max_rows, er_gen, offset=lo)
+        cosine = parallel_vs_exact(lambda x, inputs: block_outputs(model, x, inputs), model, streams, P, spans,
+                                   cfg.first_context, rows, T)
         train_er, train_er_pct = rows.er(cfg.er_max_rows)  # as val's: exact contexts
     val_er = val_er_pct = None
     if val_ids is not None:
         all_val = split_streams(val_ids.long(), max(1, min(cfg.streams, val_ids.numel())))
-        vlo, vhi = distributed.shard_span(all_val.size(1))
-        val_streams = all_val[:, vlo:vhi].to(device)
-        Sv, Nv = val_streams.shape
-        rows = RowSample(Sv, all_val.size(1), Dc, cfg.er_max_rows, er_gen, offset=vlo)
-        for a, b, exact in exact_chunks(model, val_streams, chunk_spans(Nv, max(1, per_chunk * S // Sv))):
-            rows.add(a, b, exact)
-        val_er, val_er_pct = rows.er(cfg.er_max_rows)
+        val_er, val_er_pct = exact_er(model, all_val, max(1, per_chunk * S // all_val.size(0)), cfg.er_max_rows,
+                                      er_gen, device)
     _sync(device)
     return Phase1Result(
         iterations_run=len(history), converged=converged, history=history, train_er=train_er,

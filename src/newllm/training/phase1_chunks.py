@@ -2,9 +2,22 @@
 
 A chunk is a span of positions (cfg.chunk_tokens over all streams). The iterate P lives in `scratch_tensor`
 storage (on disk when large) and is updated in place, chunk by chunk, left to right: the one context a
-chunk needs from before it, P[:, a-1], is carried. Under DDP each rank holds a contiguous block of every
-stream's positions; its first input context is the previous rank's last one (`boundary_context`), and
-sums and gradients are summed over ranks. The algorithm and its driver are in phase1.py.
+chunk needs from before it, P[:, a-1], is carried.
+
+Chunks: with more than cfg.chunk_tokens positions (parallel mode), every pass runs a chunk at a time
+(`chunked_step`), the same update up to float error (with noise 0: the chunks draw their noise
+separately), and the iterates go to disk under `scratch` when large (`scratch_tensor`): memory is
+O(chunk). Such a run keeps no resume checkpoint (its iterate is the size of the corpus): it restarts.
+
+Under torchrun (distributed.py) each rank holds a contiguous block of the positions of every stream and
+runs the chunked step on it: a shard's first input context is the previous rank's last one from the
+previous iterate (the one-token lag a Jacobi step has anyway), pass A's sums and the gradients are
+summed over ranks, so the update is the one-process step up to float sums (noise 0; with noise, each
+rank draws its own). The exact passes (iteration 0, the final checks, val ER) are sequential along a
+stream: they run as a relay, rank r from the context rank r - 1 ended with. Parallel mode only; no
+resume checkpoint (as for chunks).
+
+The algorithm and its driver are in phase1.py.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from newllm import distributed
@@ -64,6 +78,36 @@ def exact_chunks(model: NewLLM, streams: Tensor, spans: list[tuple[int, int]]):
         ctx, c = model.sequential_contexts(streams[:, a:b], initial=c)
         yield a, b, ctx[..., -1, :]
     distributed.pass_to_next(c)
+
+
+
+def exact_er(model: NewLLM, all_streams: Tensor, per_chunk: int, max_rows: int, gen: torch.Generator,
+             device: torch.device) -> tuple[float, float]:
+    """(ER, ER %) of the exact contexts of all_streams (S, N), this rank's shard of them chunk by chunk,
+    rows gathered over ranks (val's ER)."""
+    lo, hi = distributed.shard_span(all_streams.size(1))
+    streams = all_streams[:, lo:hi].to(device)
+    rows = RowSample(streams.size(0), all_streams.size(1), model.context_dim, max_rows, gen, offset=lo)
+    for a, b, exact in exact_chunks(model, streams, chunk_spans(streams.size(1), per_chunk)):
+        rows.add(a, b, exact)
+    return rows.er(max_rows)
+
+
+@torch.no_grad()
+def parallel_vs_exact(forward: Callable[[Tensor, Tensor], Tensor], model: NewLLM, streams: Tensor, P,
+                      spans: list[tuple[int, int]], first: FirstContext, rows: RowSample, positions: int) -> float:
+    """Mean cosine between one noiseless parallel pass from the iterate P (S, N, Dc), `forward(streams,
+    inputs)`, and the exact recurrence, same weights, over every rank's positions; `rows` gathers the
+    exact contexts' rows (the train ER)."""
+    S, Dc, device = streams.size(0), P.shape[-1], streams.device
+    cos_sum, carry = 0.0, boundary_context(P, first, device)  # before the relay: every rank gathers first
+    for (a, b, exact), (_, _, inputs, _) in zip(exact_chunks(model, streams, spans),
+                                                iterate_chunks(P, spans, carry, device), strict=True):
+        C = forward(streams[:, a:b], inputs).reshape(S, b - a, Dc)
+        cos_sum += F.cosine_similarity(C, exact, dim=-1).mean().item() * (S * (b - a)) / positions
+        rows.add(a, b, exact)
+    return distributed.all_sum(torch.tensor(cos_sum, dtype=torch.float64)).item() if distributed.world_size() > 1 \
+        else cos_sum
 
 
 class RowSample:

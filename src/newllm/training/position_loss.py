@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from newllm.training.trainer import _model_device, autocast, sliding_windows, windows
+from newllm.training.batches import sliding_windows, windows
+from newllm.training.trainer import _model_device, autocast
 
 
 @torch.no_grad()
