@@ -50,3 +50,34 @@ def test_log_bins_average_doubling_ranges():
     curve = torch.arange(1.0, 16.0)  # positions 1..15
     assert log_bins(curve) == {1: 1.0, 2: 2.5, 4: 5.5, 8: 11.5}  # [1], [2, 3], [4..7], [8..15]
     assert list(log_bins(curve[:14])) == [1, 2, 4]  # [8..15] is not whole: dropped
+
+
+@pytest.mark.parametrize("make, windowed", [(lambda: LSTMLM(V, embed_dim=8, hidden_dim=8, num_layers=1, dropout=0.0), False),
+                                            (lambda: TransformerLM(V, n_layer=1, n_head=2, n_embd=16, seq_len=8,
+                                                                   dropout=0.0), True)], ids=["lstm", "transformer"])
+def test_truncation_scores_each_target_from_only_its_last_d_tokens(make, windowed):
+    """Against a per-target loop: token t + 1 predicted from x[t-d+1 .. t] alone, fed whole (at most the
+    Transformer's 8 trained positions); pieces of 3 with the state carried for the LSTM."""
+    from newllm.training.position_loss import effective_context, truncation_losses
+
+    torch.manual_seed(0)
+    model, ids = make().eval(), torch.randint(0, V, (120,))
+    got = truncation_losses(model, ids, window=16, max_context=8 if windowed else 3, targets=30, batch_size=7)
+    assert sorted(got) == [1, 2, 4, 8, 16]
+    ts = torch.linspace(15, 118, 30).long().unique()
+    for d, loss in got.items():
+        seen = min(d, 8) if windowed else d
+        with torch.no_grad():
+            want = sum(float(F.cross_entropy(model(ids[t - seen + 1:t + 1][None], None)[0][0, -1], ids[t + 1]))
+                       for t in ts.tolist()) / len(ts)
+        assert loss == pytest.approx(want, rel=1e-5), d
+    if windowed:
+        assert got[16] == pytest.approx(got[8], rel=1e-6)  # past its trained positions it sees no more
+    assert effective_context(got) in got
+
+
+def test_effective_context_is_the_shortest_distance_within_one_percent():
+    from newllm.training.position_loss import effective_context
+
+    assert effective_context({1: 3.0, 2: 2.5, 4: 2.02, 8: 2.0}) == 4
+    assert effective_context({1: 2.0, 2: 2.0}) == 1

@@ -71,3 +71,15 @@ def context_use(loaded: dict[str, Any], cache: Any, window: int) -> dict[str, di
     return out
 
 
+
+
+def truncation(loaded: dict[str, Any], cache: Any, window: int) -> dict[str, dict[str, float]]:
+    """{model key: {d: mean test loss when the prediction sees only the last d tokens}}, d = 1, 2, 4, .., window."""
+    import torch
+
+    from newllm.training.position_loss import truncation_losses
+
+    test = torch.from_numpy(cache.test.astype("int64"))
+    return {metric_key(s): {str(d): round(v, 5) for d, v in
+                            truncation_losses(model, test, window, max_context=getattr(model, "seq_len", window)).items()}
+            for s, model in loaded.items()}

@@ -11,7 +11,7 @@ from newllm.errors import PipelineError
 from newllm.gitinfo import changed_vs_baseline, dvc_exp_name, file_at, git_commit
 from newllm.protocol import FULL_LRS, checkpoint, full_sweep_command, phase1_record, runs, seeds
 from newllm.registry import CONTROLS, MODELS, REFERENCE, by_record
-from newllm.report.analyses import context_use, loss_curves_figure, metric_key, samples
+from newllm.report.analyses import context_use, loss_curves_figure, metric_key, samples, truncation
 from newllm.report.document import Document
 from newllm.report.figures import context_use_figure, lr_sweep, phase1_curves, pyplot
 from newllm.report.tables import (
@@ -29,7 +29,8 @@ from newllm.report.tables import (
 )
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.md"  # the report's prose, with placeholders
-FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png", "lr_sweep.png", "context_use.png")
+FIGURES = ("val_loss_curves.png", "phase1.png", "memory_vs_length.png", "lr_sweep.png", "context_use.png",
+           "truncation.png")
 
 
 
@@ -100,6 +101,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     from newllm.models.factory import load_model
     from newllm.report.fixed_point import fixed_point_analysis, fixed_point_rows
     from newllm.report.probes import memory_figure, memory_vs_length
+    from newllm.training.position_loss import effective_context
 
     cache = load_cache(root / "data" / "tokens")
     declared = stages(params, root)
@@ -132,6 +134,8 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     cols = [c for c in ("model", "method", "length", "state_bytes", "peak_bytes", "ms_per_token", "ms_min", "ms_max",
                         "status") if c in rows[0]]
     use = context_use(loaded, cache, params.report.context_window)
+    cut = truncation(loaded, cache, params.report.context_window)
+    effective = {k: effective_context({int(d): v for d, v in c.items()}) for k, c in cut.items()}
     fp = fixed_point_analysis(models[MODELS["newllm"].display], params.report.fixed_point_threshold,
                               params.report.fixed_point_max_steps, seed=params.seed)
     blocks = {
@@ -158,6 +162,15 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
                                           "Test loss of the prediction that has seen p tokens, per model (seed "
                                           f"{params.seed}), averaged over p .. 2p - 1; windows of "
                                           f"{params.report.context_window} test tokens, each from an empty state")),
+        "truncation_figure": ("figure", (_save(context_use_figure({display(s): cut[metric_key(s)] for s in loaded},
+                                                                  "Test loss when only the last d tokens are seen",
+                                                                  xlabel="d: tokens of context kept"), figs / FIGURES[5]),
+                                         "Test loss of the same targets (up to 512 test positions, each with "
+                                         f"{params.report.context_window} tokens of past), each predicted from its "
+                                         f"last d tokens only (seed {params.seed})")),
+        "truncation_table": ("table", Table(["model", *(f"d = {d}" for d in next(iter(cut.values()))), "effective context"],
+                                            [[display(s), *cut[metric_key(s)].values(), effective[metric_key(s)]]
+                                             for s in loaded])),
         "fixed_point_table": ("table", Table(["quantity", "ours", "research"],
                                              [[r["quantity"], r["ours"], r["research"]] for r in fixed_point_rows(fp)])),
         "samples_table": ("table", Table(["prompt", "model", "decoding", "continuation"],
@@ -199,7 +212,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
         "p1_convergence": 100 * p1["convergence_rate"], "p1_cosine": p1["sequential_cosine"],
         "p1_cosines": ", ".join(f"{read_metrics(root, declared[phase1_record(s)])['sequential_cosine']:.4f}"
                                 for s in seeds(params)),
-        "max_new_tokens": params.report.max_new_tokens, "top_k": params.report.top_k,
+        "context_window": params.report.context_window, "max_new_tokens": params.report.max_new_tokens, "top_k": params.report.top_k,
     }
     doc = Document("New-LLM comparison report")
     doc.fill(TEMPLATE.read_text(encoding="utf-8"), values, blocks)
@@ -219,6 +232,7 @@ def build_report(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
               **{f"{s}_lr": summary[s]["lr"] for s in records},
               **{f"{metric_key(s)}_params_total": summary[s]["params_total"] for s in records},
               **{k: round(v, 4) for k, v in rel.items()}, "decision_band": band, **mem, "context_use": use,
+              "truncation": cut, **{f"{k}_effective_context": d for k, d in effective.items()},
               "fixed_point_steps_mean": fp["convergence"].get("steps_mean"),
               "single_vs_iterated_cosine": fp["single_vs_iterated"].get("cosine")}
     return result

@@ -67,7 +67,8 @@ def lr_sweep(val_by_lr: dict[str, dict[float, float]]):
     return fig
 
 
-def context_use_figure(curves: dict[str, dict[str, float]], title: str, faint: dict[str, dict[str, float]] | None = None):
+def context_use_figure(curves: dict[str, dict[str, float]], title: str, faint: dict[str, dict[str, float]] | None = None,
+                       xlabel: str = "tokens of context seen (each window starts with no past)"):
     """Test loss against the tokens of context seen ({label: {str(tokens): loss}}), log-2 x; `faint` curves
     (e.g. a study's smaller cells) are drawn light behind, in the same colour per label."""
     plt = pyplot()
@@ -80,8 +81,7 @@ def context_use_figure(curves: dict[str, dict[str, float]], title: str, faint: d
         xs = sorted(int(p) for p in curve)
         ax.plot(xs, [curve[str(x)] for x in xs], "-o", color=colours[label], label=label, markersize=4)
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="tokens of context seen (each window starts with no past)", ylabel="test loss (nats/token)",
-           title=title)
+    ax.set(xlabel=xlabel, ylabel="test loss (nats/token)", title=title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

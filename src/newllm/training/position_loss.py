@@ -59,3 +59,42 @@ def log_bins(curve: Tensor) -> dict[int, float]:
         out[p] = float(curve[p - 1:2 * p - 1].mean())
         p *= 2
     return out
+
+
+@torch.no_grad()
+def truncation_losses(model: nn.Module, ids: Tensor, window: int, max_context: int, targets: int = 512,
+                      batch_size: int = 64) -> dict[int, float]:
+    """Context truncation (Khandelwal et al. 2018): {d: mean test loss of predicting token t + 1 from only
+    the last d tokens x[t-d+1 .. t]}, d = 1, 2, 4, ..., window, on the same `targets` evenly spaced
+    positions t (each with `window` tokens of past available), each run from an empty state. A windowed
+    model (the Transformer) sees at most `max_context` of the d tokens, its trained positions."""
+    if ids.numel() < window + 2:
+        raise ValueError(f"{ids.numel()} tokens are too few for a truncation window of {window}")
+    device = _model_device(model)
+    ts = torch.linspace(window - 1, ids.numel() - 2, min(targets, ids.numel() - window)).long().unique()
+    was_training = model.training
+    model.eval()
+    out, d = {}, 1
+    windowed = getattr(model, "windowed", False)
+    while d <= window:
+        seen = min(d, max_context) if windowed else d
+        total = 0.0
+        for r in range(0, ts.numel(), batch_size):
+            t = ts[r:r + batch_size]
+            data = ids[(t[:, None] - seen + 1) + torch.arange(seen)].to(device)  # (B, seen): x[t-seen+1 .. t]
+            state, logits = None, None
+            for i, n in windows(seen + 1, max_context):  # a stateful model in pieces, its state carried
+                with autocast(device):
+                    logits, state = model(data[:, i:i + n], state)
+            y = ids[t + 1].to(device)
+            total += float(F.cross_entropy(logits[:, -1].float(), y, reduction="sum"))
+        out[d] = total / ts.numel()
+        d *= 2
+    model.train(was_training)
+    return out
+
+
+def effective_context(losses: dict[int, float], within: float = 0.01) -> int:
+    """The smallest distance d whose loss is within `within` (relative) of the longest distance's loss."""
+    full = losses[max(losses)]
+    return min(d for d, v in losses.items() if v <= full * (1 + within))
