@@ -32,4 +32,6 @@ def test_phase1_keeps_its_pinned_numbers(case, tmp_path):
     res = train_phase1(NewLLM(17, 16, 12, 2, 2), ids, cfg, device="cpu", val_ids=val, seed=3, scratch=tmp_path)
     losses, train_er, val_er, cosine = PINNED[case]
     assert [h["total_loss"] for h in res.history[1:]] == pytest.approx(losses, rel=1e-4, abs=1e-5)
-    assert (res.train_er, res.val_er, res.sequential_cosine) == pytest.approx((train_er, val_er, cosine), rel=1e-4)
+    # the ERs and cosine of the trained block move by up to 3e-4 with the thread count (measured under
+    # `make test`); a changed update moves them by far more
+    assert (res.train_er, res.val_er, res.sequential_cosine) == pytest.approx((train_er, val_er, cosine), rel=2e-3)
