@@ -22,8 +22,18 @@ CASES = {"dense": {}, "chunked": {"chunk_tokens": 64}, "sequential": {"mode": "s
          "noise_prev": {"noise": 0.05, "target": "previous", "steps_per_iteration": 2}}
 
 
+@pytest.fixture
+def one_thread():
+    """The pins were taken on one torch thread: a thread pool's other reduction order moves the trained
+    block's ERs and cosine by up to ~4e-3 (measured in CI)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("case", PINNED)
-def test_phase1_keeps_its_pinned_numbers(case, tmp_path):
+def test_phase1_keeps_its_pinned_numbers(case, tmp_path, one_thread):
     cfg = replace(default_params().phase1, iterations=4, min_converged=2.0, dist_reg_weight=0.5, lr=0.01,
                   **CASES[case])
     g = torch.Generator()
@@ -32,6 +42,6 @@ def test_phase1_keeps_its_pinned_numbers(case, tmp_path):
     res = train_phase1(NewLLM(17, 16, 12, 2, 2), ids, cfg, device="cpu", val_ids=val, seed=3, scratch=tmp_path)
     losses, train_er, val_er, cosine = PINNED[case]
     assert [h["total_loss"] for h in res.history[1:]] == pytest.approx(losses, rel=1e-4, abs=1e-5)
-    # the ERs and cosine of the trained block move by up to 3e-4 with the thread count (measured under
-    # `make test`); a changed update moves them by far more
+    # a looser bound on the trained block's ERs and cosine, for other CPUs' float kernels; a changed update
+    # moves them by far more (a 2 % lr change: 4 % and 20 %)
     assert (res.train_er, res.val_er, res.sequential_cosine) == pytest.approx((train_er, val_er, cosine), rel=2e-3)
