@@ -98,7 +98,7 @@ def tensor_bytes(obj: Any) -> int:
         if isinstance(o, Tensor):
             st = o.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
-        elif depth > 4 or o is None or isinstance(o, (str, bytes, int, float, bool)):
+        elif depth > 8 or o is None or isinstance(o, (str, bytes, int, float, bool)):
             return
         elif isinstance(o, dict):
             for v in o.values():
@@ -148,11 +148,13 @@ def _recurrent_runner(name: str, model: nn.Module, chunk: int, steps: int) -> _R
                    chunk)
 
 
-def _kv_runner(name: str, model: TransformerLM, chunk: int, steps: int) -> _Runner:
+def _cache_runner(name: str, model: nn.Module, chunk: int, steps: int) -> _Runner:
+    """A model that streams through its own `step(x, cache) -> (logits, cache)`: the Transformer's KV
+    cache, or a recurrent cache that the model's forward does not carry (Mamba's)."""
     def feed(x: Tensor, cache: Any) -> Any:
         return model.step(x, cache)[1]
 
-    return _Runner(name, "KV cache", _chunked(feed, chunk),
+    return _Runner(name, getattr(model, "cache_method", "KV cache"), _chunked(feed, chunk),
                    lambda ids, cache, t: feed(ids[:, t:t + 1], cache), lambda cache, _: tensor_bytes(cache), steps,
                    chunk)
 
@@ -291,10 +293,12 @@ def _runners(name: str, model: nn.Module, extended: TransformerLM | None, chunk:
              full_steps: int) -> list[tuple[_Runner, _Runner | None]]:
     """(runner on the trained model, runner on its position-extended copy or None) per method."""
     if isinstance(model, TransformerLM):
-        return [(_kv_runner(name, model, chunk, steps),
-                 _kv_runner(name, extended, chunk, steps) if extended is not None else None),
+        return [(_cache_runner(name, model, chunk, steps),
+                 _cache_runner(name, extended, chunk, steps) if extended is not None else None),
                 (_full_runner(name, model, full_steps),
                  _full_runner(name, extended, full_steps) if extended is not None else None)]
+    if hasattr(model, "step"):
+        return [(_cache_runner(name, model, chunk, steps), None)]
     # every other model follows the trainer's convention `logits, state = model(x, state)`
     return [(_recurrent_runner(name, model, chunk, steps), None)]
 
