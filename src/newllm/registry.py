@@ -91,6 +91,15 @@ class MinGRUConfig(TrainConfig):
     dropout: float = knob(lo=0.0, hi=1.0)
 
 
+@dataclass
+class MambaConfig(TrainConfig):
+    dim: int = knob(lo=1)  # the residual width: as is when protocol.match_params is false
+    num_layers: int = knob(lo=1)
+    state_size: int = knob(lo=1)  # the SSM state per channel (N)
+    expand: int = knob(lo=1)  # the mixer's inner width, as a multiple of dim
+    conv_kernel: int = knob(lo=1)
+
+
 # ----------------------------------------------------------------------------------------------- table
 @dataclass(frozen=True)
 class ModelSpec:
@@ -134,6 +143,7 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("lstm", "LSTM", LSTMConfig, "LSTMLM"),
     ModelSpec("cvp", "CVP", CVPConfig, "CVPLM", memory_probe=False),
     ModelSpec("mingru", "minGRU", MinGRUConfig, "MinGRULM"),  # a fixed-state RNN trained by a parallel scan
+    ModelSpec("mamba", "Mamba", MambaConfig, "MambaLM"),  # a selective state-space model (HF's)
 )}
 
 BASELINES = tuple(name for name, s in MODELS.items() if s.role == "baseline")  # what `baselines` may list

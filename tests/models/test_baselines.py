@@ -10,6 +10,7 @@ from helpers import section
 from newllm.models.cvp import CVPLM
 from newllm.models.factory import count_params
 from newllm.models.lstm import LSTMLM
+from newllm.models.mamba import MambaLM
 from newllm.models.mingru import MinGRULM, scan_log
 from newllm.models.transformer import TransformerLM, gpt2_param_count, match_width
 
@@ -28,6 +29,8 @@ def tiny(kind: str, **kw) -> torch.nn.Module:
         return LSTMLM(V, embed_dim=16, hidden_dim=16, num_layers=2, dropout=kw.pop("dropout", 0.0), **kw)
     if kind == "mingru":
         return MinGRULM(V, dim=16, num_layers=2, expansion=1.5, dropout=kw.pop("dropout", 0.0))
+    if kind == "mamba":
+        return MambaLM(V, dim=16, num_layers=2, state_size=4, expand=2, conv_kernel=4)
     args = dict(embed_dim=8, context_dim=12, hidden_dim=16, num_layers=2, dropout=0.0, seq_len=T)
     return CVPLM(V, **{**args, **kw})
 
@@ -67,13 +70,13 @@ def test_from_config_builds_each_model():
 
 
 # ----------------------------------------------------------------------------------------------- shapes, causality
-@pytest.mark.parametrize("kind", ["transformer", "lstm", "cvp", "mingru"])
+@pytest.mark.parametrize("kind", ["transformer", "lstm", "cvp", "mingru", "mamba"])
 def test_forward_shapes_and_causality(kind):
     m = tiny(kind).eval()
     x = tokens()
     logits, state = m(x)
     assert logits.shape == (3, T, V)
-    if kind == "transformer":
+    if kind in ("transformer", "mamba"):
         assert state is None
     elif kind == "lstm":
         assert state[0].shape == state[1].shape == (2, 3, 16)
@@ -89,7 +92,7 @@ def test_forward_shapes_and_causality(kind):
     assert not torch.allclose(logits2[:, cut + 1:], logits[:, cut + 1:])
 
 
-@pytest.mark.parametrize("kind", ["transformer", "lstm", "cvp", "mingru"])
+@pytest.mark.parametrize("kind", ["transformer", "lstm", "cvp", "mingru", "mamba"])
 def test_one_step_lowers_the_loss(kind):
     m = tiny(kind)
     x, y = tokens(seed=2), tokens(seed=3)
@@ -150,6 +153,29 @@ def test_transformer_kv_cache_steps_match_the_full_forward():
         logits, cache = m.step(x[:, t:t + 1], cache)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_mamba_parallel_scan_equals_the_sequential_reference_and_its_recurrent_steps():
+    """mamba.py's parallel scan (use_mambapy) against HF's own loop over positions, and the generation
+    path (the prompt through the scan, then one cached step per token) against the window in one call."""
+    m = tiny("mamba").eval()
+    x = tokens(b=2, t=T)
+    full, _ = m(x)
+    m.mamba.config.use_mambapy = False
+    for layer in m.mamba.backbone.layers:
+        layer.mixer.use_mambapy = False  # the mixer reads it at construction
+    torch.testing.assert_close(m(x)[0], full, rtol=1e-4, atol=1e-5)
+    logits, cache = m.step(x[:, :5])
+    steps = [logits]
+    more, cache = m.step(x[:, 5:8], cache)  # several tokens after a cache: stepped one by one
+    steps.append(more)
+    for t in range(8, T):
+        logits, cache = m.step(x[:, t:t + 1], cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+    out = list(m.stream(torch.tensor([1, 2, 3]), max_new_tokens=2 * T, top_k=5,
+                        generator=torch.Generator().manual_seed(0)))
+    assert len(out) == 2 * T and all(0 <= t < V for t in out)  # no window: the state is fixed-size
 
 
 def test_transformer_stream_generates_past_the_position_table():
@@ -248,7 +274,7 @@ def test_cvp_positional_refuses_a_window_longer_than_its_table():
 
 
 @pytest.mark.parametrize("name, cls", [("lstm", LSTMLM), ("cvp", CVPLM), ("transformer", TransformerLM),
-                                       ("mingru", MinGRULM)])
+                                       ("mingru", MinGRULM), ("mamba", MambaLM)])
 @pytest.mark.parametrize("target", [60_000, 363_778])
 def test_every_baseline_is_sized_to_the_target_within_10_percent(name, cls, target):
     cfg = section(name, seq_len=T)

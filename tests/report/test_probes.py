@@ -6,6 +6,7 @@ import torch
 
 from newllm.models.cvfp import NewLLM
 from newllm.models.lstm import LSTMLM
+from newllm.models.mamba import MambaLM
 from newllm.models.transformer import TransformerLM
 from newllm.report.probes import LiveTensorBytes, memory_figure, memory_vs_length, tensor_bytes
 
@@ -105,3 +106,15 @@ def test_peak_memory_is_what_a_fully_tracked_prefix_gives():
                 runner.step(ids, state, length - 1)
             (row,) = [r for r in rows if (r["model"], r["method"]) == (name, runner.method)]
             assert row["peak_bytes"] == mem.peak > 0, (name, runner.method)
+
+
+def test_mamba_streams_through_its_recurrent_cache_at_a_fixed_size():
+    """A model with its own `step` (Mamba: its forward carries no state) is probed through that cache."""
+    torch.manual_seed(0)
+    m = MambaLM(V, dim=8, num_layers=2, state_size=4, expand=2, conv_kernel=4)
+    rows = memory_vs_length({"mamba": m}, [16, 128], V, steps=2, chunk=16)
+    small, large = rows
+    assert small["method"] == large["method"] == "recurrent cache" and small["status"] == "ok"
+    # per layer: the conv window (expand*dim, kernel) and the SSM state (expand*dim, state_size), float32
+    # (and each layer's int64 count of the tokens seen)
+    assert large["state_bytes"] == small["state_bytes"] == 2 * (16 * 4 + 16 * 4) * 4 + 2 * 8
