@@ -120,6 +120,9 @@ class ModelSpec:
     module: str = ""  # newllm.models.<module>; default: name
     memory_probe: bool = True  # the report measures its memory and ms/token against sequence length
     reference: bool = False  # the baseline the report's headline compares New-LLM with (one model at most)
+    # its memory of the past is a fixed-size state (an RNN, an SSM), not a cache that grows with the context:
+    # the report's second sentence compares New-LLM with the best of these
+    fixed_state: bool = True
 
     def __post_init__(self) -> None:
         for attr in ("section", "record", "module"):
@@ -139,7 +142,7 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
               memory_probe=False),  # the same state as New-LLM's: the probe would repeat its row
     ModelSpec("newllm_end_to_end", "New-LLM, end-to-end", EndToEndConfig, "NewLLM", role="control",
               arch="newllm", section="end_to_end", record="end_to_end", module="cvfp", memory_probe=False),
-    ModelSpec("transformer", "Transformer", TransformerConfig, "TransformerLM", reference=True),
+    ModelSpec("transformer", "Transformer", TransformerConfig, "TransformerLM", reference=True, fixed_state=False),
     ModelSpec("lstm", "LSTM", LSTMConfig, "LSTMLM"),
     ModelSpec("cvp", "CVP", CVPConfig, "CVPLM", memory_probe=False),
     ModelSpec("mingru", "minGRU", MinGRUConfig, "MinGRULM"),  # a fixed-state RNN trained by a parallel scan

@@ -62,6 +62,7 @@ def answer(summary: dict[str, dict[str, Any]], per_seed: dict[str, list[dict[str
     else:
         parts.append(f"On test, New-LLM's perplexity is {new['test_ppl']:.2f}{spread(new)} (no matched "
                      f"{ref.display if ref is not None else 'reference model'} in this run).")
+    parts.append(_best_fixed_state(summary, per_seed, rel, spread))
     for control in CONTROLS:
         record = MODELS[control].record
         c = summary[record]
@@ -70,6 +71,22 @@ def answer(summary: dict[str, dict[str, Any]], per_seed: dict[str, list[dict[str
                      f"{new['test_loss']:.4f}, {abs(gap):.4f} nats/token in "
                      f"{'New-LLM' if gap > 0 else 'the control'}'s favour; {_gap(per_seed, record, NEWLLM)}.")
     return " ".join(parts)
+
+
+def _best_fixed_state(summary: dict[str, dict[str, Any]], per_seed: dict[str, list[dict[str, Any]]],
+                      rel: dict[str, float], spread) -> str:
+    """The second sentence: New-LLM against the fixed-state baseline (registry: `fixed_state`) with the
+    lowest mean test loss among those matched to it in this run."""
+    matched = [s for s in MODELS.values() if s.role == "baseline" and s.fixed_state
+               and s.record in summary and f"test_ppl_ratio_vs_{s.record}" in rel]
+    if not matched:
+        names = ", ".join(s.display for s in MODELS.values() if s.role == "baseline" and s.fixed_state)
+        return f"No parameter-matched fixed-state baseline ({names}) ran in this run."
+    best = min(matched, key=lambda s: summary[s.record]["test_loss"])
+    b, ratio = summary[best.record], rel[f"test_ppl_ratio_vs_{best.record}"]
+    return (f"Against the best fixed-state baseline of the {len(matched)} in this run, the {best.display} "
+            f"({b['test_ppl']:.2f}{spread(b)}), New-LLM's perplexity is {ratio:.3f}x "
+            f"({'better' if ratio < 1 else 'worse'}); {_gap(per_seed, NEWLLM, best.record)}.")
 
 
 def _changed_line(params: Params, most: int = 12) -> str:
