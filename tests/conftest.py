@@ -8,6 +8,21 @@ import pytest
 from filelock import FileLock
 from helpers import make_project
 
+# The longest tests, first: pytest-xdist deals the first items to its workers in turn, so the longest ones
+# start at once instead of ending the run alone; then the other slow ones (the fault suite, whose shared
+# `reproduced` pipeline the first of them builds while these run), then the rest (CONTRIBUTING: Test time).
+LONGEST = ("test_repro_then_ablations_rerun_only_what_they_change", "test_a_study_runs_each_cell_as_a_cached_experiment",
+           "test_two_processes_train_to_the_single_process_numbers")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        if item.originalname in LONGEST:
+            return LONGEST.index(item.originalname)
+        return len(LONGEST) + (item.get_closest_marker("slow") is None)
+
+    items.sort(key=rank)  # stable: collection order within a rank
+
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
